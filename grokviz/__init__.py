@@ -1,0 +1,16 @@
+"""grokviz: a JupyterLab workbench for the interpretability of Grok-1 style mixture-of-experts models.
+
+Importing grokviz never imports plotly or ipywidgets (those live in ``grokviz.viz``).
+"""
+
+from .api import Model as Model, Run as Run, validate_tokens as validate_tokens
+from .cache import ActivationCache as ActivationCache
+from .checkpoint import params_from_reference as params_from_reference
+from .config import GrokConfig as GrokConfig
+from .hooks import REGISTRY as HOOKS
+from .interventions import Interventions as Interventions
+from .model import forward as forward
+from .params import Int8Weight as Int8Weight, count_params as count_params, init_params as init_params
+from .params import param_shapes as param_shapes
+
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""The hook registry: every capture point's name, axes, dtype, cost and meaning, declared once.
+
+Names follow the project's conventions: ``blocks.*`` hooks live inside the scanned block and come out with a
+leading ``layer`` axis; top-level hooks have none. Selections are validated globs; unknown names raise a
+``KeyError`` that lists the closest registered names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from typing import Iterable
+
+from .axes import AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    name: str
+    axes: tuple[str, ...]
+    dtype: str
+    cost: str  # "cheap" or "heavy"
+    doc: str
+
+    @property
+    def per_layer(self) -> bool:
+        return self.name.startswith("blocks.")
+
+
+_B = ("layer", "batch", "seq")
+_HOOKS = [
+    Hook("embed.out", ("batch", "seq", "d_model"), "float32", "cheap",
+         "token embeddings times the embedding multiplier (sqrt 6144 for Grok-1); the residual stream into layer 0"),
+    Hook("blocks.resid_pre", _B + ("d_model",), "float32", "cheap", "residual stream entering the block"),
+    Hook("blocks.attn.pre_norm", _B + ("d_model",), "float32", "cheap", "attention input, rms_norm(resid_pre)"),
+    Hook("blocks.attn.q", _B + ("head", "head_dim"), "float32", "heavy", "queries after RoPE"),
+    Hook("blocks.attn.k", _B + ("kv_head", "head_dim"), "float32", "heavy", "keys after RoPE"),
+    Hook("blocks.attn.v", _B + ("kv_head", "head_dim"), "float32", "heavy", "values"),
+    Hook("blocks.attn.logits", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
+         "q.k times the logit multiplier, before the 30*tanh soft-cap"),
+    Hook("blocks.attn.scores", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
+         "soft-capped attention logits, before masking"),
+    Hook("blocks.attn.pattern", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
+         "attention probabilities (softmax over keys, fp32)"),
+    Hook("blocks.attn.head_out", _B + ("head", "head_dim"), "float32", "heavy",
+         "per-head attention output (pattern @ v) before the output projection"),
+    Hook("blocks.attn.out", _B + ("d_model",), "float32", "cheap", "attention output projection, before the post-norm"),
+    Hook("blocks.attn.post_norm", _B + ("d_model",), "float32", "cheap", "the attention write into the residual stream"),
+    Hook("blocks.resid_mid", _B + ("d_model",), "float32", "cheap", "residual stream after attention"),
+    Hook("blocks.moe.pre_norm", _B + ("d_model",), "float32", "cheap", "router and expert input, rms_norm_2(resid_mid)"),
+    Hook("blocks.moe.router_logits", _B + ("expert",), "float32", "cheap", "router logits x @ W_router (fp32)"),
+    Hook("blocks.moe.router_probs", _B + ("expert",), "float32", "cheap", "softmax over all experts (fp32)"),
+    Hook("blocks.moe.top_k_experts", _B + ("k",), "int32", "cheap", "selected experts, descending probability"),
+    Hook("blocks.moe.top_k_weights", _B + ("k",), "float32", "cheap",
+         "gate values of the selected experts, not renormalised (Grok-1 semantics)"),
+    Hook("blocks.moe.expert_load", ("layer", "expert"), "int32", "cheap",
+         "tokens routed to each expert (all k slots), padding excluded"),
+    Hook("blocks.moe.expert_out", _B + ("k", "d_model"), "float32", "heavy", "per-slot expert outputs before gating"),
+    Hook("blocks.moe.out", _B + ("d_model",), "float32", "cheap", "gate-weighted sum of expert outputs, before the post-norm"),
+    Hook("blocks.moe.post_norm", _B + ("d_model",), "float32", "cheap", "the MoE write into the residual stream"),
+    Hook("blocks.resid_post", _B + ("d_model",), "float32", "cheap", "residual stream leaving the block"),
+    Hook("final_norm.out", ("batch", "seq", "d_model"), "float32", "cheap", "final rms_norm output, before unembedding"),
+    Hook("unembed.logits", ("batch", "seq", "vocab"), "float32", "heavy", "logits after the output multiplier"),
+]
+REGISTRY: dict[str, Hook] = {h.name: h for h in _HOOKS}
+assert len(REGISTRY) == len(_HOOKS), "hook names must be unique"
+assert all(a in AXES for h in _HOOKS for a in h.axes), "hook axes must come from axes.AXES"
+
+ROUTING_HOOKS = ("blocks.moe.router_logits", "blocks.moe.router_probs", "blocks.moe.top_k_experts",
+                 "blocks.moe.top_k_weights", "blocks.moe.expert_load")
+
+
+def suggest(name: str, n: int = 3) -> list[str]:
+    """Registered names closest to ``name``."""
+    names = list(REGISTRY)
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
+    if not close:  # fall back to a match on the last component
+        tail = name.rsplit(".", 1)[-1]
+        close = [k for k in names if k.rsplit(".", 1)[-1].startswith(tail[:4])][:n]
+    return close
+
+
+def unknown_hook_error(name: str) -> KeyError:
+    close = suggest(name)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return KeyError(f"Unknown hook name {name!r}.{hint} (see grokviz.hooks.REGISTRY for all names)")
+
+
+def select(patterns: Iterable[str] | str | None) -> frozenset[str]:
+    """Expand names and globs (``"blocks.moe.*"``, ``"*"``) into a frozenset of registered names."""
+    if patterns is None:
+        return frozenset()
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out: set[str] = set()
+    for pat in patterns:
+        if any(c in pat for c in "*?["):
+            hits = fnmatch.filter(REGISTRY, pat)
+            if not hits:
+                raise unknown_hook_error(pat)
+            out.update(hits)
+        elif pat in REGISTRY:
+            out.add(pat)
+        else:
+            raise unknown_hook_error(pat)
+    return frozenset(out)
+
+
+class Point:
+    """The capture/patch/callback point used inside traced model code.
+
+    ``point(name, value)`` applies a patch for ``name`` if one is given (``where(mask, patch, value)``), then a
+    Python callback if one is registered, records the value if ``name`` was selected, and returns the value.
+    Names are given without the prefix (``"attn.q"`` inside a block is ``"blocks.attn.q"``).
+    """
+
+    def __init__(self, selected=frozenset(), prefix="", patches=None, callbacks=None, layer=None):
+        self.selected = selected
+        self.prefix = prefix
+        self.patches = patches or {}
+        self.callbacks = callbacks or {}
+        self.layer = layer
+        self.values: dict = {}
+
+    def wants(self, name: str) -> bool:
+        full = self.prefix + name
+        return full in self.selected or full in self.callbacks
+
+    def patched(self, name: str) -> bool:
+        full = self.prefix + name
+        return full in self.patches or full in self.callbacks
+
+    def __call__(self, name: str, value):
+        full = self.prefix + name
+        if full not in REGISTRY:
+            raise unknown_hook_error(full)
+        if full in self.patches:
+            value = apply_patch(REGISTRY[full], value, *self.patches[full])
+        if full in self.callbacks:
+            value = self.callbacks[full](value, self.layer)
+        if full in self.selected:
+            self.values[full] = value
+        return value
+
+
+def apply_patch(hook: Hook, value, patch_value, mask):
+    """Replace ``value`` by ``patch_value`` where ``mask`` [batch, seq] is set (broadcast over other axes)."""
+    import jax.numpy as jnp
+
+    axes = [a for a in hook.axes if a != "layer"]
+    shape = [1] * len(axes)
+    if "batch" in axes:
+        shape[axes.index("batch")] = mask.shape[0]
+    if "seq" in axes:
+        shape[axes.index("seq")] = mask.shape[1]
+    return jnp.where(mask.reshape(shape), patch_value.astype(value.dtype), value)
+
+
+def table() -> str:
+    """Markdown table of the registry (for docs)."""
+    rows = ["| name | axes | dtype | cost | meaning |", "|---|---|---|---|---|"]
+    for h in _HOOKS:
+        rows.append(f"| `{h.name}` | {' '.join(h.axes)} | {h.dtype} | {h.cost} | {h.doc} |")
+    return "\n".join(rows)

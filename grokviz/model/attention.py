@@ -1,0 +1,50 @@
+"""Grouped-query attention with RoPE, logit multiplier, 30*tanh soft cap and -1e30 masking (spec §3.5)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from ..params import dense
+from .layers import MASK_VALUE, rope, softcap
+
+
+def attention_mask(tokens, pad_token):
+    """[batch, 1, seq, kv_seq] bool: key is real (token > pad) and causal (kv_seq <= seq). Queries are not masked."""
+    real = tokens > pad_token
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return real[:, None, None, :] & causal[None, None]
+
+
+def attention(p, x, mask, cfg, point, head_scale=None):
+    """x: [batch, seq, d_model] (already pre-normed) -> [batch, seq, d_model]; ``point`` names activations."""
+    dt = x.dtype
+    t = x.shape[1]
+    positions = jnp.arange(t)
+    q = rearrange(x @ dense(p["w_q"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
+    k = rearrange(x @ dense(p["w_k"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
+    v = rearrange(x @ dense(p["w_v"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
+    q = point("attn.q", rope(q, positions, cfg.rope_base))
+    k = point("attn.k", rope(k, positions, cfg.rope_base))
+    v = point("attn.v", v)
+    # query head j = kv_head * G + g uses kv head j // G (contiguous groups)
+    qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
+    logits = jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
+    if point.wants("attn.logits"):
+        point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
+    scores = softcap(logits, cfg.attn_softcap)
+    if point.wants("attn.scores"):
+        point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
+    pattern = jax.nn.softmax(scores, axis=-1)
+    if point.wants("attn.pattern") or point.patched("attn.pattern"):
+        flat = point("attn.pattern", rearrange(pattern, "b kv g t s -> b (kv g) t s"))
+        pattern = rearrange(flat, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
+    o = jnp.einsum("bhgts,bshd->bthgd", pattern.astype(dt), v)
+    o = rearrange(o, "b t kv g d -> b t (kv g) d")
+    if head_scale is not None:
+        o = o * head_scale[:, None].astype(dt)
+    o = point("attn.head_out", o)
+    return rearrange(o, "b t h d -> b t (h d)") @ dense(p["w_o"], dt)
