@@ -1,0 +1,149 @@
+"""Routing statistics against hand-computed values on a small hand-made routing (with padding), and the
+random baselines against simulation."""
+
+import numpy as np
+import pytest
+
+from grokviz.analysis import routing as R
+
+E = 4
+# [layer=2, batch=2, seq=4, k=2]; row 1 has padding at its last position (its routing must be ignored).
+EXPERTS = np.array([
+    [[[0, 1], [0, 2], [3, 0], [1, 2]],
+     [[2, 3], [2, 3], [1, 0], [3, 3]]],
+    [[[1, 0], [1, 0], [1, 0], [1, 0]],
+     [[0, 1], [2, 3], [3, 2], [0, 0]]],
+])
+REAL = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
+
+
+def test_expert_load_and_share():
+    load = R.expert_load(EXPERTS, REAL, E)
+    # layer 0 real slots: 0,1 0,2 3,0 1,2 | 2,3 2,3 1,0  -> e0: 4, e1: 3, e2: 4, e3: 3
+    # layer 1: 1,0 x4 | 0,1 2,3 3,2                       -> e0: 5, e1: 5, e2: 2, e3: 2
+    np.testing.assert_array_equal(load, [[4, 3, 4, 3], [5, 5, 2, 2]])
+    np.testing.assert_allclose(R.load_share(EXPERTS, REAL, E), [[4 / 14, 3 / 14, 4 / 14, 3 / 14],
+                                                               [5 / 14, 5 / 14, 2 / 14, 2 / 14]])
+    # a single layer without the layer axis
+    np.testing.assert_array_equal(R.expert_load(EXPERTS[1], REAL, E), [[5, 5, 2, 2]])
+    # real=None: every position counts (layer 0 adds 3,3)
+    np.testing.assert_array_equal(R.expert_load(EXPERTS, None, E)[0], [4, 3, 4, 5])
+
+
+def test_load_cv():
+    # layer 0: mean 3.5, std 0.5 -> 1/7; layer 1: mean 3.5, std 1.5 -> 3/7
+    np.testing.assert_allclose(R.load_cv(EXPERTS, REAL, E), [1 / 7, 3 / 7])
+    one = np.zeros((1, 1, 5, 2), int)
+    one[..., 1] = 1
+    np.testing.assert_allclose(R.load_cv(one, None, E), [1.0])  # loads 5,5,0,0: std 2.5 / mean 2.5
+    np.testing.assert_allclose(R.load_cv(one[..., :1], None, E), [np.sqrt(E - 1)])  # everything on one expert
+
+
+def test_entropy_and_gate_mass():
+    probs = np.zeros((1, 2, 4, E))
+    probs[0, :, :] = [0.25, 0.25, 0.25, 0.25]
+    probs[0, 0, 0] = [1, 0, 0, 0]
+    probs[0, 0, 1] = [0.5, 0.5, 0, 0]
+    probs[0, 1, 3] = [1, 0, 0, 0]  # padding: ignored
+    # real tokens: entropies 0, log2, log4 x5 -> (log2 + 5 log4) / 7 = 11 log2 / 7
+    np.testing.assert_allclose(R.routing_entropy(probs, REAL), [11 * np.log(2) / 7])
+    weights = np.array([[[[0.5, 0.2], [0.6, 0.1], [0.3, 0.3], [0.4, 0.4]],
+                         [[0.9, 0.1], [0.5, 0.4], [0.7, 0.2], [0.0, 0.0]]]])
+    np.testing.assert_allclose(R.gate_mass(weights, REAL), [(0.7 + 0.7 + 0.6 + 0.8 + 1.0 + 0.9 + 0.9) / 7])
+
+
+def test_switch_aux_and_z_loss():
+    probs = np.full((1, 2, 4, E), 0.25)
+    # uniform router probs -> E * sum(f_i / E) = 1 whatever the load
+    np.testing.assert_allclose(R.switch_aux_loss(probs, EXPERTS[:1], REAL, E), [1.0])
+    probs2 = np.zeros((1, 2, 4, E))
+    probs2[..., 0] = 1.0
+    # P = (1,0,0,0), f_0 = 4/14 -> 4 * 4/14
+    np.testing.assert_allclose(R.switch_aux_loss(probs2, EXPERTS[:1], REAL, E), [4 * 4 / 14])
+    logits = np.zeros((1, 2, 4, E))
+    logits[0, 1, 3] = 100.0  # padding
+    logits[0, 0, 0] = np.log([1.0, 2.0, 3.0, 4.0])  # lse = log 10
+    np.testing.assert_allclose(R.router_z_loss(logits, REAL), [(np.log(10) ** 2 + 6 * np.log(4) ** 2) / 7])
+
+
+def test_coactivation():
+    c = R.coactivation(EXPERTS, REAL, E)
+    assert c.shape == (2, E, E)
+    np.testing.assert_array_equal(c, c.transpose(0, 2, 1))
+    np.testing.assert_array_equal(np.diagonal(c, axis1=1, axis2=2), R.expert_load(EXPERTS, REAL, E))
+    # layer 0 pairs: {0,1} {0,2} {0,3} {1,2} {2,3} {2,3} {0,1}
+    want = np.zeros((E, E), int)
+    for i, j in [(0, 1), (0, 2), (0, 3), (1, 2), (2, 3), (2, 3), (0, 1)]:
+        want[i, j] += 1
+        want[j, i] += 1
+    np.fill_diagonal(want, [4, 3, 4, 3])
+    np.testing.assert_array_equal(c[0], want)
+
+
+def test_consecutive_rates():
+    df = R.consecutive_rates(EXPERTS, REAL)
+    assert list(df.columns) == ["layer", "first_repeat", "topk_overlap", "n_pairs"]
+    # 3 pairs in row 0, 2 in row 1 (the pair into padding is skipped)
+    assert df["n_pairs"].tolist() == [5, 5]
+    # layer 0: row0 (0,1)->(0,2) first same, overlap; (0,2)->(3,0) overlap; (3,0)->(1,2) none
+    #          row1 (2,3)->(2,3) same, overlap; (2,3)->(1,0) none            -> first 2/5, overlap 3/5
+    # layer 1: row0 all (1,0): 3 first, 3 overlap; row1 (0,1)->(2,3) none; (2,3)->(3,2) overlap only
+    np.testing.assert_allclose(df["first_repeat"], [2 / 5, 3 / 5])
+    np.testing.assert_allclose(df["topk_overlap"], [3 / 5, 4 / 5])
+
+
+def test_consecutive_baselines_values():
+    b = R.consecutive_baselines(8, 2)
+    assert b["first_repeat"] == pytest.approx(0.125)
+    assert b["topk_overlap"] == pytest.approx(13 / 28)
+    assert R.consecutive_baselines(8, 1)["topk_overlap"] == pytest.approx(1 / 8)
+    assert R.consecutive_baselines(4, 3)["topk_overlap"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("e,k", [(8, 2), (6, 3), (16, 1)])
+def test_baselines_by_simulation(e, k):
+    rng = np.random.default_rng(e * 10 + k)
+    n_layers, batch, seq = 2, 50, 200
+    experts = np.argsort(rng.random((n_layers, batch, seq, e)), axis=-1)[..., :k]  # uniform random k-subsets
+    real = np.ones((batch, seq), bool)
+    real[:, 150:] = False
+    df = R.consecutive_rates(experts, real)
+    base = R.consecutive_baselines(e, k)
+    n = df["n_pairs"].iloc[0]
+    for col in ("first_repeat", "topk_overlap"):
+        sd = np.sqrt(base[col] * (1 - base[col]) / n)
+        np.testing.assert_allclose(df[col], base[col], atol=max(5 * sd, 1e-12))
+    # flows: independent layers -> each cell about n / E^2; load CV about its baseline
+    flow = R.routing_flow(experts, real, 0, e)
+    assert flow.sum() == real.sum()
+    assert abs(flow.mean() - real.sum() / e**2) < 1e-9
+    coac = R.coactivation(experts, real, e)[0]
+    cond = (coac.sum(1) - np.diag(coac)) / np.diag(coac)  # expected number of co-selected experts = k - 1
+    np.testing.assert_allclose(cond, k - 1)
+    cv = R.load_cv(experts, real, e)
+    assert np.all(cv < 4 * R.load_baseline_cv(int(real.sum()), e, k))
+
+
+def test_routing_flow_and_paths():
+    flow = R.routing_flow(EXPERTS, REAL, 0, E)
+    # first choices layer0 -> layer1 (real): 0->1, 0->1, 3->1, 1->1, 2->0, 2->2, 1->3
+    want = np.zeros((E, E), int)
+    for a, b in [(0, 1), (0, 1), (3, 1), (1, 1), (2, 0), (2, 2), (1, 3)]:
+        want[a, b] += 1
+    np.testing.assert_array_equal(flow, want)
+    np.testing.assert_array_equal(R.routing_flow(EXPERTS, REAL, -2, E), want)
+    with pytest.raises(ValueError):
+        R.routing_flow(EXPERTS, REAL, 1, E)
+    paths = R.routing_paths(EXPERTS, REAL, E)
+    assert len(paths) == E * E
+    row = paths[(paths.src_expert == 0) & (paths.dst_expert == 1)].iloc[0]
+    assert row["count"] == 2 and row["share"] == pytest.approx(2 / 7)
+    assert row["lift"] == pytest.approx(2 / (2 * 4 / 7))
+
+
+def test_routing_summary():
+    cache = {"blocks.moe.top_k_experts": EXPERTS}
+    df = R.routing_summary(cache, REAL, E)
+    assert df["layer"].tolist() == [0, 1]
+    np.testing.assert_allclose(df["first_repeat"], [0.4, 0.6])
+    assert df["first_repeat_baseline"].iloc[0] == pytest.approx(0.25)
