@@ -1,0 +1,117 @@
+"""Figure builders: inspect fig.data and titles (pure numpy in, plotly out; no JAX)."""
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from grokviz.viz import figures as F
+from grokviz.viz import theme
+
+TOKENS = ["\u2581the", "\u2581cat", "\u2581the", "\u2581mat"]
+
+
+def test_figure_builders_do_not_use_jax_or_widgets():
+    # grokviz.viz lives in a package whose __init__ imports the JAX core; the builders themselves are pure
+    src = open(F.__file__).read() + open(theme.__file__).read()
+    for mod in ("jax", "ipywidgets", "anywidget"):
+        assert f"import {mod}" not in src and f"from {mod}" not in src
+
+
+def test_expert_colours_are_stable_and_distinct():
+    assert [theme.expert_color(e) for e in range(8)] == list(theme.EXPERT_PALETTE[:8])
+    assert len(set(theme.EXPERT_PALETTE[:8])) == 8
+    scale = theme.expert_colorscale(4)
+    assert scale[0] == [0.0, theme.expert_color(0)] and scale[-1] == [1.0, theme.expert_color(3)]
+
+
+def test_token_strip_keeps_repeated_tokens_distinct_and_shows_gates():
+    experts = np.array([[1, 2], [3, 0], [1, 5], [7, 6]])
+    gates = np.array([[0.5, 0.2], [0.4, 0.3], [0.6, 0.1], [0.3, 0.25]])
+    fig = F.token_expert_strip(TOKENS, experts, gates, layer=3, num_experts=8)
+    hm = fig.data[0]
+    assert np.array_equal(np.asarray(hm.z), experts.T)
+    assert np.allclose(np.asarray(hm.customdata), gates.T)          # gates as used, not renormalised
+    assert list(hm.x) == [0, 1, 2, 3]                                # positions, not (merged) token strings
+    assert list(fig.layout.xaxis.ticktext) == ["\u2423the", "\u2423cat", "\u2423the", "\u2423mat"]
+    assert fig.layout.title.text.startswith("Layer 3")
+    assert (hm.zmin, hm.zmax) == (-0.5, 7.5)
+
+
+def test_token_chips_html_colours_by_first_choice_and_escapes():
+    html = F.token_chips_html(["<b>", "x"], np.array([[2, 0], [5, 1]]), np.ones((2, 2)) * 0.4, selected=1)
+    assert "&lt;b&gt;" in html and ">&lt;b&gt;<sub>2</sub>" in html
+    assert html.count('class="gv-token"') == 2
+    assert theme.expert_color(2) in html and theme.expert_color(5) in html
+    assert "2px solid black" in html
+
+
+def test_routing_grid_and_router_probs():
+    first = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    fig = F.routing_grid(TOKENS, first, np.full((2, 4), 0.5), 4, selected=2)
+    assert np.array_equal(np.asarray(fig.data[0].z), first)
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 1.5
+    probs = np.array([[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.1, 0.4]])
+    experts, gates = np.array([[1, 2], [0, 3]]), np.array([[0.5, 0.3], [0.4, 0.4]])
+    fig = F.router_probs_by_layer(probs, experts, gates, "\u2581cat", 1)
+    text = np.asarray(fig.data[0].text)
+    assert text[0, 1] == "0.50" and text[0, 2] == "0.30" and text[0, 0] == ""
+    assert list(fig.data[1].x) == [1, 2, 0, 3] and list(fig.data[1].y) == [0, 0, 1, 1]
+    assert "un-renormalised" in fig.layout.title.text and "0.80" in fig.layout.title.text
+
+
+def test_load_figures_mark_uniform_share():
+    share = np.array([[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]])
+    fig = F.load_share_heatmap(share)
+    assert fig.data[0].zmid == 0.25 and "uniform = 0.250" in fig.layout.title.text
+    bars = F.load_bars(share[1], 1)
+    assert np.allclose(bars.data[0].y, share[1])
+    assert [s.y0 for s in bars.layout.shapes] == [0.25]
+    assert bars.layout.title.text == "Layer 1 expert load share"
+    co = F.coactivation_heatmap(np.eye(4) * 3, 2)
+    assert np.array_equal(np.asarray(co.data[0].z), np.eye(4) * 3)
+    rates = F.consecutive_rates(np.arange(2), [0.3, 0.4], [0.5, 0.6], {"first_repeat": 0.125, "topk_overlap": 0.2})
+    assert len(rates.data) == 2 and sorted(s.y0 for s in rates.layout.shapes) == [0.125, 0.2]
+
+
+def test_routing_sankey_links_follow_flows():
+    flows = [np.array([[2, 0], [1, 3]]), np.array([[0, 4], [0, 2]])]
+    fig = F.routing_sankey(flows, first_layer=5)
+    s = fig.data[0]
+    assert list(s.node.label) == ["L5 E0", "L5 E1", "L6 E0", "L6 E1", "L7 E0", "L7 E1"]
+    links = sorted(zip(s.link.source, s.link.target, s.link.value))
+    assert links == [(0, 2, 2.0), (1, 2, 1.0), (1, 3, 3.0), (2, 5, 4.0), (3, 5, 2.0)]
+    assert "5\u20137" in fig.layout.title.text
+
+
+def test_attention_figures():
+    p = np.tril(np.ones((4, 4)))
+    p /= p.sum(-1, keepdims=True)
+    fig = F.attention_pattern(p, TOKENS, 1, 3, 1)
+    assert np.allclose(fig.data[0].z, p) and fig.layout.title.text.startswith("Layer 1 head 3 (KV head 1)")
+    assert fig.layout.yaxis.autorange == "reversed"
+    x = np.array([-100.0, -10.0, 0.0, 50.0])
+    cap = F.precap_vs_capped(x, 30 * np.tanh(x / 30), 30.0, 0, 0)
+    assert np.allclose(cap.data[0].x, x) and np.allclose(cap.data[1].y[[0, -1]], 30 * np.tanh(cap.data[1].x[[0, -1]] / 30))
+    assert "50%" in cap.layout.title.text
+    summ = F.head_summaries({"a": np.arange(4.0), "b": np.ones(4)}, 2, group_size=2)
+    assert len(summ.data) == 4 and summ.data[3].name == "h3 (kv 1)"
+    assert summ.data[2].marker.color == theme.expert_color(1)
+
+
+def test_ablation_figures():
+    base = np.array([0.5, 0.3, 0.2])
+    new = np.array([0.1, 0.2, 0.7])
+    fig = F.next_token_change(base, new, ["a", "b", "c"], top=2)
+    assert list(fig.data[0].x) == ["a (0)", "b (1)", "c (2)"]
+    assert np.allclose(fig.data[1].y, new)
+    b0, b1 = np.array([[0, 1], [2, 3]]), np.array([[0, 2], [2, 3]])
+    ch = F.routing_change(b0, b1, ["x", "y"], 4)
+    z = np.asarray(ch.data[0].z, float)
+    assert np.isnan(z[0, 0]) and z[0, 1] == 2 and "1 of 4" in ch.layout.title.text
+
+
+@pytest.mark.parametrize("builder", ["load_bars", "coactivation_heatmap"])
+def test_builders_return_plain_figures_with_template(builder):
+    arg = np.ones(4) / 4 if builder == "load_bars" else np.ones((4, 4))
+    fig = getattr(F, builder)(arg, 0)
+    assert isinstance(fig, go.Figure) and fig.layout.template.layout.font.family.startswith("DejaVu")
