@@ -50,12 +50,17 @@ def as_config(config) -> GrokConfig:
         text = Path(config).read_text() if Path(config).is_file() else str(config)
         config = json.loads(text)
     if isinstance(config, dict):
-        if "grokviz_config" in config:
-            return config_from_json(config)
+        import dataclasses
+
+        ours = {f.name for f in dataclasses.fields(GrokConfig)}
         try:
-            return GrokConfig(**config)
-        except TypeError:
+            if "grokviz_config" in config:
+                return config_from_json(config)
+            if set(config) <= ours:
+                return GrokConfig(**config)
             return GrokConfig.from_reference(ignore_generator_fields=True, **config)
+        except TypeError as e:
+            raise ValueError(f"incomplete model config {config}: {e}") from None
     raise TypeError(f"config must be a GrokConfig, dict or JSON path, got {type(config).__name__}")
 
 

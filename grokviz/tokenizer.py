@@ -45,3 +45,28 @@ class Tokenizer:
 
 def load_tokenizer(path) -> Tokenizer:
     return Tokenizer(path)
+
+
+#: environment variable naming the Grok-1 ``tokenizer.model`` (it is not part of the repository)
+TOKENIZER_ENV = "GROKVIZ_GROK1_TOKENIZER"
+GROK1_TOKENIZER_NAME = "grok1-tokenizer.model"
+
+
+def find_grok1_tokenizer() -> Path | None:
+    """The Grok-1 SentencePiece model: ``$GROKVIZ_GROK1_TOKENIZER``, else ``../shared/reference/grok1-tokenizer.model``
+    relative to the repository root; None when neither exists."""
+    env = os.environ.get(TOKENIZER_ENV)
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    repo = Path(__file__).resolve().parent.parent
+    cand = repo.parent / "shared" / "reference" / GROK1_TOKENIZER_NAME
+    return cand if cand.is_file() else None
+
+
+def grok1_tokenizer() -> Tokenizer:
+    """Load the Grok-1 tokenizer found by :func:`find_grok1_tokenizer`, or raise FileNotFoundError saying where."""
+    path = find_grok1_tokenizer()
+    if path is None:
+        raise FileNotFoundError(f"Grok-1 tokenizer not found: set ${TOKENIZER_ENV} to its tokenizer.model, or place "
+                                f"it at ../shared/reference/{GROK1_TOKENIZER_NAME} next to the repository")
+    return Tokenizer(path)
