@@ -7,8 +7,9 @@ from .api import Model as Model, Run as Run, validate_tokens as validate_tokens
 from .cache import ActivationCache as ActivationCache
 from .checkpoint import params_from_reference as params_from_reference
 from .config import GrokConfig as GrokConfig
-from .hooks import REGISTRY as HOOKS
+from .hooks import REGISTRY as HOOKS, AttentionSpec as AttentionSpec
 from .interventions import Interventions as Interventions
+from .loading import load as load
 from .model import forward as forward
 from .params import Int8Weight as Int8Weight, count_params as count_params, init_params as init_params
 from .params import param_shapes as param_shapes

@@ -11,18 +11,23 @@ import numpy as np
 
 from .cache import ActivationCache
 from .config import GrokConfig
-from .hooks import select
+from .hooks import AttentionSpec, select
 from .interventions import Interventions
-from .model.transformer import forward
+from .model.transformer import cache_layout, forward
 from .params import count_params, validate_params
 
 
-def _forward(params, tokens, interventions, *, cfg, capture, expert_impl, unroll, callbacks):
+TRACE_COUNT = [0]  # incremented each time the jitted forward is traced (i.e. compiled); tests read it
+
+
+def _forward(params, tokens, interventions, *, cfg, capture, expert_impl, unroll, callbacks, attn_spec):
+    TRACE_COUNT[0] += 1
     return forward(params, tokens, cfg, capture=capture, interventions=interventions, expert_impl=expert_impl,
-                   unroll=unroll, callbacks=dict(callbacks))
+                   unroll=unroll, callbacks=dict(callbacks), attn_spec=attn_spec)
 
 
-forward_jit = jax.jit(_forward, static_argnames=("cfg", "capture", "expert_impl", "unroll", "callbacks"))
+forward_jit = jax.jit(_forward, static_argnames=("cfg", "capture", "expert_impl", "unroll", "callbacks",
+                                                 "attn_spec"))
 
 
 def validate_tokens(tokens, cfg: GrokConfig) -> np.ndarray:
@@ -108,18 +113,33 @@ class Model:
 
     def run(self, tokens_or_text, *, capture=None, interventions: Interventions | None = None,
             expert_impl: str = "sparse", unroll: bool = False, callbacks: dict[str, Any] | None = None,
-            top_k: int | None = None) -> Run:
+            top_k: int | None = None, attention: AttentionSpec | None = None) -> Run:
         """Forward pass. ``capture``: hook names or globs; ``interventions``: data (no recompile when only
         values change); ``callbacks``: {hook: fn(value, layer) -> value} (static: recompiles);
-        ``top_k``: route to a different number of experts (static: recompiles)."""
+        ``top_k``: route to a different number of experts (static: recompiles); ``attention``: an
+        :class:`~grokviz.hooks.AttentionSpec` limiting attention maps to some layers/heads (static)."""
         tokens = self.to_tokens(tokens_or_text)
         cfg = self.cfg if top_k is None else self.cfg.replace(top_k=top_k)
         if interventions is not None:
             check_interventions(interventions, cfg, tokens.shape)
-        out = forward_jit(self.params, jnp.asarray(tokens), interventions, cfg=cfg, capture=select(capture),
+        if callbacks:
+            select(list(callbacks))  # validate names
+        capture = select(capture)
+        if attention is not None:
+            check_attention_spec(attention, cfg, tokens.shape[1])
+        out = forward_jit(self.params, jnp.asarray(tokens), interventions, cfg=cfg, capture=capture,
                           expert_impl=expert_impl, unroll=unroll,
-                          callbacks=tuple(sorted((callbacks or {}).items())))
-        return Run(tokens=tokens, logits=out.logits, cache=ActivationCache(out.cache), model=self)
+                          callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention)
+        cache = ActivationCache(out.cache, cache_layout(capture, cfg, attention))
+        return Run(tokens=tokens, logits=out.logits, cache=cache, model=self)
+
+
+def check_attention_spec(spec: AttentionSpec, cfg: GrokConfig, seq: int) -> None:
+    for name, values, n in (("layers", spec.layers, cfg.num_layers), ("heads", spec.heads, cfg.num_q_heads),
+                            ("queries", spec.queries, seq)):
+        for v in values or ():
+            if not -n <= v < n:
+                raise ValueError(f"AttentionSpec.{name} contains {v}, outside [-{n}, {n})")
 
 
 def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape) -> None:

@@ -13,12 +13,15 @@ AXES = {
     "k": "routing slot (0 = first choice); slots are in descending router probability",
     "ffn": "expert hidden feature",
     "vocab": "vocabulary entry",
+    "query": "a chosen query position (AttentionSpec.queries)",
+    "rank": "rank among the top keys of a query (0 = most attended)",
 }
 
 LABELS = {
     "layer": "layer", "batch": "batch", "seq": "query position", "kv_seq": "key position",
     "d_model": "d_model", "head": "head", "kv_head": "KV head", "head_dim": "head dim",
     "expert": "expert", "k": "slot", "ffn": "ffn", "vocab": "token id",
+    "query": "chosen query", "rank": "rank",
 }
 
 

@@ -10,8 +10,17 @@ from .hooks import REGISTRY, unknown_hook_error
 
 
 class ActivationCache(Mapping):
-    def __init__(self, values: dict):
+    def __init__(self, values: dict, layout: dict | None = None):
         self._values = dict(values)
+        # {name: (layers or None, heads or None)} for hooks kept only for some layers/heads (AttentionSpec)
+        self.layout = dict(layout or {})
+
+    def layers_of(self, name) -> tuple[int, ...] | None:
+        """The layer numbers along axis 0 of ``cache[name]`` when only some were kept (None: all layers)."""
+        return self.layout.get(name, (None, None))[0]
+
+    def heads_of(self, name) -> tuple[int, ...] | None:
+        return self.layout.get(name, (None, None))[1]
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -19,6 +28,12 @@ class ActivationCache(Mapping):
             arr = self[name]
             if not REGISTRY[name].per_layer:
                 raise KeyError(f"{name} has no layer axis; index it as cache[{name!r}]")
+            kept = self.layers_of(name)
+            if kept is not None:
+                if layer not in kept:
+                    raise KeyError(f"{name} was captured for layers {list(kept)} only, not layer {layer} "
+                                   f"(index by layer number; pass AttentionSpec(layers=...) including it)")
+                return arr[kept.index(layer)]
             return arr[layer]
         if key not in self._values:
             if key in REGISTRY:

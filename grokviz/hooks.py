@@ -43,6 +43,14 @@ _HOOKS = [
          "soft-capped attention logits, before masking"),
     Hook("blocks.attn.pattern", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
          "attention probabilities (softmax over keys, fp32)"),
+    Hook("blocks.attn.entropy", ("layer", "batch", "head", "seq"), "float32", "cheap",
+         "entropy (nats) of each query's attention distribution; a reduced summary of the pattern"),
+    Hook("blocks.attn.pattern_at", ("layer", "batch", "head", "query", "kv_seq"), "float32", "cheap",
+         "attention of the chosen query positions only (AttentionSpec.queries)"),
+    Hook("blocks.attn.top_keys", ("layer", "batch", "head", "seq", "rank"), "int32", "cheap",
+         "the most attended key positions of each query (AttentionSpec.top_keys of them)"),
+    Hook("blocks.attn.top_key_weights", ("layer", "batch", "head", "seq", "rank"), "float32", "cheap",
+         "attention weights of blocks.attn.top_keys"),
     Hook("blocks.attn.head_out", _B + ("head", "head_dim"), "float32", "heavy",
          "per-head attention output (pattern @ v) before the output projection"),
     Hook("blocks.attn.out", _B + ("d_model",), "float32", "cheap", "attention output projection, before the post-norm"),
@@ -66,6 +74,33 @@ _HOOKS = [
 REGISTRY: dict[str, Hook] = {h.name: h for h in _HOOKS}
 assert len(REGISTRY) == len(_HOOKS), "hook names must be unique"
 assert all(a in AXES for h in _HOOKS for a in h.axes), "hook axes must come from axes.AXES"
+
+ATTENTION_MAPS = ("blocks.attn.logits", "blocks.attn.scores", "blocks.attn.pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Scale-aware attention capture (static: changing it recompiles).
+
+    ``layers``/``heads``: capture the full ``[seq, kv_seq]`` maps (logits, scores, pattern) only for these
+    layers and query heads — memory is ``len(layers) x len(heads) x seq^2`` instead of ``L x H x seq^2``;
+    the other attention hooks keep all layers. ``queries``: the query positions of ``blocks.attn.pattern_at``.
+    ``top_keys``: how many keys ``blocks.attn.top_keys`` keeps per query.
+    """
+
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    queries: tuple[int, ...] = (-1,)
+    top_keys: int = 4
+
+    def __post_init__(self):
+        for f in ("layers", "heads", "queries"):
+            v = getattr(self, f)
+            if v is not None:
+                object.__setattr__(self, f, tuple(int(i) for i in v))
+        if self.top_keys < 1:
+            raise ValueError("AttentionSpec.top_keys must be >= 1")
+
 
 ROUTING_HOOKS = ("blocks.moe.router_logits", "blocks.moe.router_probs", "blocks.moe.top_k_experts",
                  "blocks.moe.top_k_weights", "blocks.moe.expert_load")

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from ..hooks import AttentionSpec
 from ..params import dense
 from .layers import MASK_VALUE, rope, softcap
 
@@ -18,7 +19,34 @@ def attention_mask(tokens, pad_token):
     return real[:, None, None, :] & causal[None, None]
 
 
-def attention(p, x, mask, cfg, point, head_scale=None):
+def _rope_point(point, name, x, positions, base):
+    """RoPE, with the captured copy computed on a separate branch.
+
+    XLA fuses RoPE into the logits einsum; storing the same value as a capture changes that fusion and moved
+    the logits by ~6e-7. Capturing from a copy behind an optimisation barrier leaves the main computation
+    exactly as without capture (so logits stay bit-identical); the captured value equals it to fp32 rounding.
+    A patch or callback on this hook replaces the value on the main path.
+    """
+    if point.patched(name):
+        return point(name, rope(x, positions, base))
+    if point.wants(name):
+        point(name, rope(jax.lax.optimization_barrier(x), positions, base))
+    return rope(x, positions, base)
+
+
+def _reductions(pattern, point, spec):
+    """Reduced summaries of the pattern [b, head, t, s], computed on the fly (memory ~ b*head*t)."""
+    if point.wants("attn.entropy"):
+        point("attn.entropy", -jnp.sum(jnp.where(pattern > 0, pattern * jnp.log(pattern), 0.0), axis=-1))
+    if point.wants("attn.pattern_at"):
+        point("attn.pattern_at", pattern[:, :, jnp.asarray(spec.queries), :])
+    if point.wants("attn.top_keys") or point.wants("attn.top_key_weights"):
+        weights, keys = jax.lax.top_k(pattern, min(spec.top_keys, pattern.shape[-1]))
+        point("attn.top_keys", keys.astype(jnp.int32))
+        point("attn.top_key_weights", weights)
+
+
+def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     """x: [batch, seq, d_model] (already pre-normed) -> [batch, seq, d_model]; ``point`` names activations."""
     dt = x.dtype
     t = x.shape[1]
@@ -26,8 +54,8 @@ def attention(p, x, mask, cfg, point, head_scale=None):
     q = rearrange(x @ dense(p["w_q"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
     k = rearrange(x @ dense(p["w_k"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
     v = rearrange(x @ dense(p["w_v"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
-    q = point("attn.q", rope(q, positions, cfg.rope_base))
-    k = point("attn.k", rope(k, positions, cfg.rope_base))
+    q = _rope_point(point, "attn.q", q, positions, cfg.rope_base)
+    k = _rope_point(point, "attn.k", k, positions, cfg.rope_base)
     v = point("attn.v", v)
     # query head j = kv_head * G + g uses kv head j // G (contiguous groups)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
@@ -39,9 +67,13 @@ def attention(p, x, mask, cfg, point, head_scale=None):
         point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
     pattern = jax.nn.softmax(scores, axis=-1)
-    if point.wants("attn.pattern") or point.patched("attn.pattern"):
+    reduce = any(point.wants(n) for n in ("attn.entropy", "attn.pattern_at", "attn.top_keys",
+                                          "attn.top_key_weights"))
+    if point.wants("attn.pattern") or point.patched("attn.pattern") or reduce:
         flat = point("attn.pattern", rearrange(pattern, "b kv g t s -> b (kv g) t s"))
         pattern = rearrange(flat, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
+        if reduce:
+            _reductions(flat, point, spec or AttentionSpec())
     o = jnp.einsum("bhgts,bshd->bthgd", pattern.astype(dt), v)
     o = rearrange(o, "b t kv g d -> b t (kv g) d")
     if head_scale is not None:

@@ -12,12 +12,13 @@ from .moe import combine, experts_dense, experts_sparse, route
 EXPERT_IMPLS = {"dense": experts_dense, "sparse": experts_sparse}
 
 
-def block(p, h, real, mask, cfg, point, iv=None, expert_impl="sparse"):
+def block(p, h, real, mask, cfg, point, iv=None, expert_impl="sparse", attn_spec=None):
     """h: [batch, seq, d_model] -> (h', captures). ``iv`` is this layer's slice of the interventions (or None)."""
     eps = cfg.rms_eps
     h = point("resid_pre", h)
     x = point("attn.pre_norm", rms_norm(h, p["attn_pre_norm"], eps))
-    a = point("attn.out", attention(p, x, mask, cfg, point, None if iv is None else iv["head_scale"]))
+    a = point("attn.out", attention(p, x, mask, cfg, point, None if iv is None else iv["head_scale"],
+                                      attn_spec))
     a = point("attn.post_norm", rms_norm(a, p["attn_post_norm"], eps))
     h = point("resid_mid", h + a)
 

@@ -1,0 +1,326 @@
+"""Experiments: ablation sweeps over every (layer, expert) or (layer, head), and activation / routing patching
+between two prompts across layers and positions, returned as tidy tables.
+
+Both reuse the unchanged prefix. A change at layer ``l`` cannot affect layers before it, so the baseline (or
+corrupt) run is made once with ``blocks.resid_pre`` captured, and each variant runs only layers ``l .. L-1``
+starting from the captured residual stream: one compiled *suffix forward* (``lax.scan`` over all layers whose
+body is a ``lax.cond`` that skips layers before ``start``; ``start`` is a traced value, so every layer shares one
+compilation), ``vmap``-ped over the variants of a layer. Sweeping E experts over L layers thus costs about
+``E * L * (L + 1) / 2`` layer evaluations, batched, instead of ``E * L * L`` in ``E * L`` separate forwards.
+
+Language-model metrics use next-token prediction at positions ``t`` where tokens ``t`` and ``t + 1`` are both
+real: ``loss`` is the mean cross-entropy (nats), ``kl`` the mean ``KL(baseline || ablated)`` of the next-token
+distributions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..hooks import REGISTRY, Point
+from ..model.attention import attention_mask
+from ..model.block import block
+from ..model.layers import rms_norm
+from ..params import dense
+
+__all__ = ["ablation_sweep", "ablation_sums", "separate_ablation_sums", "patch_sweep", "activation_patching",
+           "routing_patching", "lm_sums", "suffix_logits"]
+
+
+# ----------------------------------------------------------------------------------------------- core
+def _unembed(params, cfg, h):
+    hf = rms_norm(h, params["final_norm"], cfg.rms_eps)
+    return jnp.einsum("btd,vd->btv", hf, dense(params["embed"], hf.dtype)) * cfg.output_multiplier
+
+
+def suffix_logits(params, cfg, tokens, h0, start, iv_layers=None, patches=None, expert_impl="sparse"):
+    """Logits of the model run from layer ``start`` on, with ``h0`` [batch, seq, d_model] as ``resid_pre[start]``.
+
+    ``iv_layers``: the per-layer dict of :meth:`Interventions.split` (arrays with a leading layer axis) or None;
+    ``patches``: {blocks hook name: (value [layer, ...], mask [layer, batch, seq])} applied inside the blocks.
+    Pure and traceable; ``start`` may be a traced int."""
+    real = tokens > cfg.pad_token
+    mask = attention_mask(tokens, cfg.pad_token)
+    patches = patches or {}
+
+    def body(h, xs):
+        p, iv, pt, layer = xs
+
+        def run(h):
+            point = Point(frozenset(), prefix="blocks.", patches=pt, layer=layer)
+            return block(p, h, real, mask, cfg, point, iv, expert_impl)[0]
+
+        return jax.lax.cond(layer >= start, run, lambda h: h, h), None
+
+    xs = (params["blocks"], iv_layers, patches, jnp.arange(cfg.num_layers))
+    h, _ = jax.lax.scan(body, h0, xs)
+    return _unembed(params, cfg, h)
+
+
+def lm_sums(logits, tokens, pad_token, base_logp=None):
+    """(sum of next-token NLL, sum of KL(base || logits), number of predictions) over valid positions."""
+    real = tokens > pad_token
+    valid = (real[:, :-1] & real[:, 1:]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if base_logp is None:
+        kl = jnp.zeros_like(nll)
+    else:
+        kl = jnp.sum(jnp.exp(base_logp) * (base_logp - logp), axis=-1)
+    return jnp.sum(nll * valid), jnp.sum(kl * valid), jnp.sum(valid)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
+def _baseline(params, tokens, cfg, expert_impl):
+    from ..model.transformer import forward
+
+    out = forward(params, tokens, cfg, capture=frozenset({"blocks.resid_pre"}), expert_impl=expert_impl)
+    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll, _, n = lm_sums(out.logits, tokens, cfg.pad_token)
+    return out.cache["blocks.resid_pre"], logp, nll, n
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
+def _sweep_layer(params, tokens, h0, base_logp, ivs, start, cfg, expert_impl):
+    def one(iv):
+        logits = suffix_logits(params, cfg, tokens, h0, start, iv, None, expert_impl)
+        nll, kl, _ = lm_sums(logits, tokens, cfg.pad_token, base_logp)
+        return nll, kl
+
+    return jax.vmap(one)(ivs)
+
+
+# ----------------------------------------------------------------------------------------------- ablations
+def _no_interventions(cfg) -> dict:
+    from ..interventions import Interventions
+
+    return Interventions.none(cfg).split()[0]
+
+
+def _ablation_ivs(cfg, kind: str, mode: str, layer: int, units) -> dict:
+    """Per-layer intervention dicts with a leading variant axis: unit ``units[n]`` ablated at ``layer``."""
+    base = _no_interventions(cfg)
+    n = len(units)
+    ivs = {k: np.broadcast_to(np.asarray(v), (n,) + v.shape).copy() for k, v in base.items()}
+    idx = np.arange(n)
+    units = np.asarray(units)
+    if kind == "expert" and mode == "zero":
+        ivs["expert_scale"][idx, layer, units] = 0.0
+    elif kind == "expert" and mode == "remove":
+        ivs["expert_remove"][idx, layer, units] = True
+    elif kind == "head":
+        ivs["head_scale"][idx, layer, units] = 0.0
+    return {k: jnp.asarray(v) for k, v in ivs.items()}
+
+
+def _check_kind(cfg, kind, mode):
+    if kind not in ("expert", "head"):
+        raise ValueError(f"kind must be 'expert' or 'head', got {kind!r}")
+    if kind == "expert" and mode not in ("zero", "remove"):
+        raise ValueError(f"mode for expert ablation must be 'zero' (drop its gated output, routing unchanged) "
+                         f"or 'remove' (router skips it; tokens take their next choice), got {mode!r}")
+    return cfg.num_experts if kind == "expert" else cfg.num_q_heads
+
+
+def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chunk=None,
+                  expert_impl="sparse") -> dict:
+    """One batch of an ablation sweep, as additive sums (see :func:`ablation_sweep`).
+
+    Returns dict(layer [n], unit [n], nll [n], kl [n], base_nll scalar, n_pred scalar)."""
+    cfg, params = model.cfg, model.params
+    n_units = _check_kind(cfg, kind, mode)
+    tokens = jnp.asarray(model.to_tokens(tokens))
+    resid, base_logp, base_nll, n_pred = _baseline(params, tokens, cfg, expert_impl)
+    layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
+    chunk = chunk or n_units
+    out = {"layer": [], "unit": [], "nll": [], "kl": []}
+    for layer in layers:
+        for lo in range(0, n_units, chunk):
+            units = list(range(lo, min(lo + chunk, n_units)))
+            units_padded = units + [units[-1]] * (chunk - len(units))  # keep one compiled shape
+            ivs = _ablation_ivs(cfg, kind, mode, layer, units_padded)
+            nll, kl = _sweep_layer(params, tokens, resid[layer], base_logp, ivs, jnp.int32(layer), cfg,
+                                   expert_impl)
+            out["layer"] += [layer] * len(units)
+            out["unit"] += units
+            out["nll"].append(np.asarray(nll)[: len(units)])
+            out["kl"].append(np.asarray(kl)[: len(units)])
+    return {"layer": np.asarray(out["layer"]), "unit": np.asarray(out["unit"]),
+            "nll": np.concatenate(out["nll"]).astype(np.float64), "kl": np.concatenate(out["kl"]).astype(np.float64),
+            "base_nll": float(base_nll), "n_pred": float(n_pred)}
+
+
+def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None,
+                           expert_impl="sparse") -> dict:
+    """The same sums as :func:`ablation_sums`, one full ``model.run`` per ablation (the reference and the
+    benchmark's baseline)."""
+    from ..interventions import Interventions
+
+    cfg = model.cfg
+    n_units = _check_kind(cfg, kind, mode)
+    tokens = model.to_tokens(tokens)
+    base = model.run(tokens, expert_impl=expert_impl).logits
+    base_logp = jax.nn.log_softmax(base[:, :-1].astype(jnp.float32), axis=-1)
+    base_nll, _, n_pred = lm_sums(base, jnp.asarray(tokens), cfg.pad_token)
+    layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
+    out = {"layer": [], "unit": [], "nll": [], "kl": []}
+    none = Interventions.none(cfg)
+    for layer in layers:
+        for u in range(n_units):
+            if kind == "head":
+                iv = none.ablate_head(layer, u)
+            elif mode == "zero":
+                iv = none.zero_expert(layer, u)
+            else:
+                iv = none.remove_expert(layer, u)
+            logits = model.run(tokens, interventions=iv, expert_impl=expert_impl).logits
+            nll, kl, _ = lm_sums(logits, jnp.asarray(tokens), cfg.pad_token, base_logp)
+            out["layer"].append(layer)
+            out["unit"].append(u)
+            out["nll"].append(float(nll))
+            out["kl"].append(float(kl))
+    return {**{k: np.asarray(v) for k, v in out.items()}, "base_nll": float(base_nll), "n_pred": float(n_pred)}
+
+
+def sums_to_frame(sums: dict, kind: str) -> pd.DataFrame:
+    """Tidy table from (accumulated) sweep sums: layer, expert|head, loss, base_loss, delta_loss, kl, n_tokens."""
+    n = max(sums["n_pred"], 1.0)
+    loss = sums["nll"] / n
+    base = sums["base_nll"] / n
+    return pd.DataFrame({"layer": sums["layer"], kind: sums["unit"], "loss": loss, "base_loss": base,
+                         "delta_loss": loss - base, "kl": sums["kl"] / n,
+                         "n_tokens": np.full(len(loss), int(sums["n_pred"]))})
+
+
+def ablation_sweep(model, data, *, kind="expert", mode="zero", layers=None, chunk=None, batch_size=8,
+                   max_len=None, expert_impl="sparse", progress=True) -> pd.DataFrame:
+    """Ablate every (layer, expert) — or (layer, head) with ``kind="head"`` — one at a time, over a dataset.
+
+    ``data``: token ids [batch, seq] (one batch), or anything :func:`grokviz.analysis.dataset.batches` accepts
+    (texts, token lists, None for the bundled validation split). ``mode`` (experts): ``"zero"`` multiplies the
+    expert's gated output by 0 with routing unchanged; ``"remove"`` makes the router skip it (tokens take their
+    next choice, gates stay router probabilities). Returns one row per ablation: layer, expert|head, loss,
+    base_loss, delta_loss (nats), kl (nats, baseline || ablated), n_tokens."""
+    if _is_token_batch(data):
+        sums = ablation_sums(model, data, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl)
+        return sums_to_frame(sums, kind)
+    from .dataset import batches
+
+    total = None
+    for toks in batches(model, data, batch_size=batch_size, max_len=max_len, progress=progress,
+                        desc=f"{kind} ablation sweep"):
+        s = ablation_sums(model, toks, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl)
+        if total is None:
+            total = s
+        else:
+            for key in ("nll", "kl", "base_nll", "n_pred"):
+                total[key] = total[key] + s[key]
+    if total is None:
+        raise ValueError("the dataset is empty")
+    return sums_to_frame(total, kind)
+
+
+def _is_token_batch(data) -> bool:
+    if isinstance(data, (np.ndarray, jax.Array)):
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------- patching
+def _last_real(tokens, pad):
+    real = np.asarray(tokens) > pad
+    return real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
+
+
+def _metric(logits, rows, pos, target, foil):
+    last = logits[rows, pos].astype(jnp.float32)  # [batch, vocab]
+    if foil is None:
+        m = jax.nn.log_softmax(last, axis=-1)[rows, target]
+    else:
+        m = last[rows, target] - last[rows, foil]
+    return jnp.mean(m)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "name", "expert_impl"))
+def _patch_layer(params, tokens, h0, value, masks, start, target, foil, pos, cfg, name, expert_impl):
+    rows = jnp.arange(tokens.shape[0])
+
+    def one(mask):
+        if name == "blocks.resid_pre":  # patch the stream entering `start` directly
+            h = jnp.where(mask[start][..., None], value[start], h0)
+            logits = suffix_logits(params, cfg, tokens, h, start, None, None, expert_impl)
+        else:
+            logits = suffix_logits(params, cfg, tokens, h0, start, None, {name: (value, mask)}, expert_impl)
+        return _metric(logits, rows, pos, target, foil)
+
+    return jax.vmap(one)(masks)
+
+
+def patch_sweep(model, clean, corrupt, *, hook="blocks.resid_pre", target, foil=None, layers=None,
+                positions=None, expert_impl="sparse") -> pd.DataFrame:
+    """Patch ``hook`` from the clean run into the corrupt run at one (layer, position) at a time.
+
+    ``clean`` and ``corrupt``: prompts (text or token ids) of the same shape. The metric is read at each row's
+    last real token: ``logit[target] - logit[foil]`` if ``foil`` is given, else ``log p(target)`` (``target``,
+    ``foil``: token ids, scalars or one per row; text is encoded as a single token). Returns layer, position,
+    metric, and ``recovered = (metric - corrupt) / (clean - corrupt)`` (1: the patch restores the clean
+    behaviour), with ``clean_metric``/``corrupt_metric`` columns. ``hook``: any ``blocks.*`` hook with a seq axis
+    (``blocks.resid_pre``, ``blocks.resid_mid``, ``blocks.attn.out``, ``blocks.moe.out``, ...;
+    ``blocks.moe.top_k_experts`` is routing patching)."""
+    cfg, params = model.cfg, model.params
+    if hook not in REGISTRY or not REGISTRY[hook].per_layer or "seq" not in REGISTRY[hook].axes:
+        raise ValueError(f"hook must be a blocks.* hook with a seq axis, got {hook!r}")
+    clean_t, corrupt_t = model.to_tokens(clean), model.to_tokens(corrupt)
+    if clean_t.shape != corrupt_t.shape:
+        raise ValueError(f"clean and corrupt prompts must have the same token shape, got {clean_t.shape} and "
+                         f"{corrupt_t.shape}; pad or rephrase them")
+    b, t = corrupt_t.shape
+    target, foil = _token_ids(model, target, b), None if foil is None else _token_ids(model, foil, b)
+    pos = jnp.asarray(_last_real(corrupt_t, cfg.pad_token))
+    rows = jnp.arange(b)
+    clean_run = model.run(clean_t, capture=[hook, "blocks.resid_pre"], expert_impl=expert_impl)
+    corrupt_run = model.run(corrupt_t, capture=["blocks.resid_pre"], expert_impl=expert_impl)
+    m_clean = float(_metric(clean_run.logits, rows, jnp.asarray(_last_real(clean_t, cfg.pad_token)), target, foil))
+    m_corrupt = float(_metric(corrupt_run.logits, rows, pos, target, foil))
+    value = clean_run.cache[hook]
+    layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
+    positions = list(range(t)) if positions is None else [p % t for p in positions]
+    rows_out = []
+    for layer in layers:
+        masks = np.zeros((len(positions), cfg.num_layers, b, t), bool)
+        masks[np.arange(len(positions)), layer, :, positions] = True
+        ms = _patch_layer(params, jnp.asarray(corrupt_t), corrupt_run.cache["blocks.resid_pre"][layer], value,
+                          jnp.asarray(masks), jnp.int32(layer), target, foil, pos, cfg, hook, expert_impl)
+        for p, m in zip(positions, np.asarray(ms)):
+            rows_out.append((layer, p, float(m)))
+    df = pd.DataFrame(rows_out, columns=["layer", "position", "metric"])
+    denom = m_clean - m_corrupt
+    df["recovered"] = (df["metric"] - m_corrupt) / denom if denom != 0 else np.nan
+    df["clean_metric"], df["corrupt_metric"] = m_clean, m_corrupt
+    return df
+
+
+def activation_patching(model, clean, corrupt, *, hook="blocks.resid_pre", **kw) -> pd.DataFrame:
+    """:func:`patch_sweep` of an activation (default the residual stream entering each layer)."""
+    return patch_sweep(model, clean, corrupt, hook=hook, **kw)
+
+
+def routing_patching(model, clean, corrupt, **kw) -> pd.DataFrame:
+    """:func:`patch_sweep` of the routing decision: the corrupt run's tokens at (layer, position) are sent to the
+    clean run's experts (gates become the corrupt router's probabilities for those experts)."""
+    return patch_sweep(model, clean, corrupt, hook="blocks.moe.top_k_experts", **kw)
+
+
+def _token_ids(model, tok, batch):
+    if isinstance(tok, str):
+        ids = model.tokenizer.encode(tok) if model.tokenizer is not None else []
+        if len(ids) != 1:
+            raise ValueError(f"{tok!r} must encode to exactly one token, got {ids}")
+        tok = ids[0]
+    arr = np.broadcast_to(np.asarray(tok, np.int32), (batch,))
+    return jnp.asarray(arr)
