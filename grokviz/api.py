@@ -30,6 +30,15 @@ forward_jit = jax.jit(_forward, static_argnames=("cfg", "capture", "expert_impl"
                                                  "attn_spec"))
 
 
+def _forward_many(params, tokens, stacked, *, cfg, capture, expert_impl):
+    TRACE_COUNT[0] += 1
+    fn = lambda iv: forward(params, tokens, cfg, capture=capture, interventions=iv, expert_impl=expert_impl)
+    return jax.vmap(fn)(stacked)
+
+
+forward_many_jit = jax.jit(_forward_many, static_argnames=("cfg", "capture", "expert_impl"))
+
+
 def validate_tokens(tokens, cfg: GrokConfig) -> np.ndarray:
     """Check ids and shapes on the host; returns int32 [batch, seq]. Raises ValueError naming the problem."""
     arr = np.asarray(tokens)
@@ -132,6 +141,23 @@ class Model:
                           callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention)
         cache = ActivationCache(out.cache, cache_layout(capture, cfg, attention))
         return Run(tokens=tokens, logits=out.logits, cache=cache, model=self)
+
+
+def _run_many(self, tokens_or_text, interventions, *, capture=None, expert_impl="sparse"):
+    """Many interventions in one vmapped call. ``interventions``: a list, or an already stacked
+    Interventions (leading axis = variant). Returns (logits [variant, batch, seq, vocab], cache dict of
+    [variant, ...] arrays)."""
+    from .interventions import stack
+
+    tokens = self.to_tokens(tokens_or_text)
+    stacked = stack(list(interventions)) if isinstance(interventions, (list, tuple)) else interventions
+    check_interventions(jax.tree_util.tree_map(lambda a: a[0], stacked), self.cfg, tokens.shape)
+    out = forward_many_jit(self.params, jnp.asarray(tokens), stacked, cfg=self.cfg, capture=select(capture),
+                           expert_impl=expert_impl)
+    return out.logits, ActivationCache(out.cache)
+
+
+Model.run_many = _run_many
 
 
 def check_attention_spec(spec: AttentionSpec, cfg: GrokConfig, seq: int) -> None:

@@ -139,3 +139,15 @@ class Interventions:
         if self.patches:
             parts.append("patches " + ", ".join(self.patches))
         return f"Interventions({'; '.join(parts) or 'none'})"
+
+
+def stack(ivs: list[Interventions]) -> Interventions:
+    """Stack interventions on a new leading axis, for ``jax.vmap`` (see :meth:`grokviz.Model.run_many`).
+
+    All must have the same patch names (the pytree structures must agree)."""
+    if not ivs:
+        raise ValueError("stack() needs at least one Interventions")
+    names = [tuple(sorted(iv.patches)) for iv in ivs]
+    if len(set(names)) != 1:
+        raise ValueError(f"all interventions must patch the same hooks to be stacked, got {sorted(set(names))}")
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ivs)

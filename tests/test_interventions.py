@@ -1,0 +1,167 @@
+"""Interventions as data: no-ops are bit-identical, each semantics does what it says, values never recompile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grokviz as gv
+from grokviz import api
+from grokviz.interventions import stack
+
+ROUTING = ["blocks.moe.*", "blocks.resid_post"]
+
+
+@pytest.fixture(scope="module")
+def base(golden_model, golden):
+    return golden_model.run(golden[2]["tokens"], capture=ROUTING)
+
+
+@pytest.fixture(scope="module")
+def none(golden):
+    return gv.Interventions.none(golden[0])
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_noop_is_bit_identical(golden_model, golden, none, impl):
+    toks = golden[2]["tokens"]
+    a = golden_model.run(toks, capture=ROUTING, expert_impl=impl)
+    b = golden_model.run(toks, capture=ROUTING, expert_impl=impl, interventions=none)
+    assert np.array_equal(np.asarray(a.logits), np.asarray(b.logits))
+    for name in a.cache:
+        assert np.array_equal(np.asarray(a.cache[name]), np.asarray(b.cache[name])), name
+
+
+@pytest.mark.parametrize("edit", [
+    lambda iv: iv.zero_expert(0, 3, scale=1.0),
+    lambda iv: iv.ablate_head(1, 2, scale=1.0),
+    lambda iv: iv.with_router(temperature=1.0, bias=0.0, renormalize=False),
+])
+def test_each_neutral_edit_is_bit_identical(golden_model, golden, base, none, edit):
+    run = golden_model.run(golden[2]["tokens"], interventions=edit(none))
+    assert np.array_equal(np.asarray(run.logits), np.asarray(base.logits))
+
+
+def test_remove_expert(golden_model, golden, base, none):
+    layer, expert = 1, int(np.asarray(base.cache["blocks.moe.top_k_experts"])[1, 0, 0, 0])
+    run = golden_model.run(golden[2]["tokens"], capture=ROUTING, interventions=none.remove_expert(layer, expert))
+    assert int(np.asarray(run.cache["blocks.moe.expert_load"])[layer, expert]) == 0
+    assert not np.any(np.asarray(run.cache["blocks.moe.top_k_experts"])[layer] == expert)
+    for name in ROUTING[1:] + ["blocks.moe.top_k_experts", "blocks.moe.router_probs"]:  # earlier layers untouched
+        assert np.array_equal(np.asarray(run.cache[name])[:layer], np.asarray(base.cache[name])[:layer])
+    # tokens that did not use the expert keep their experts and gates exactly
+    before = np.asarray(base.cache["blocks.moe.top_k_experts"])[layer]
+    untouched = ~np.any(before == expert, axis=-1)
+    np.testing.assert_array_equal(np.asarray(run.cache["blocks.moe.top_k_experts"])[layer][untouched], before[untouched])
+    # a token that used it now gets its next choice, gated by that choice's router probability
+    probs = np.asarray(run.cache["blocks.moe.router_probs"])[layer]
+    moved = np.asarray(run.cache["blocks.moe.top_k_experts"])[layer][~untouched]
+    masked = np.where(np.arange(8) == expert, -1, probs[~untouched])
+    np.testing.assert_array_equal(moved, np.argsort(-masked, -1, kind="stable")[:, :2])
+    assert not np.allclose(run.logits, base.logits)
+
+
+def test_zero_expert_keeps_routing(golden_model, golden, base, none):
+    run = golden_model.run(golden[2]["tokens"], capture=ROUTING, interventions=none.zero_expert(0, slice(None)))
+    np.testing.assert_array_equal(run.cache["blocks.moe.top_k_experts", 0], base.cache["blocks.moe.top_k_experts", 0])
+    np.testing.assert_array_equal(run.cache["blocks.moe.top_k_weights", 0], base.cache["blocks.moe.top_k_weights", 0])
+    assert np.abs(np.asarray(run.cache["blocks.moe.out", 0])).max() == 0  # every expert zeroed at layer 0
+
+
+def test_renormalize_and_temperature(golden_model, golden, base, none):
+    run = golden_model.run(golden[2]["tokens"], capture=ROUTING, interventions=none.with_router(renormalize=True))
+    np.testing.assert_allclose(np.asarray(run.cache["blocks.moe.top_k_weights"]).sum(-1), 1, rtol=1e-6)
+    hot = golden_model.run(golden[2]["tokens"], capture=ROUTING, interventions=none.with_router(0, temperature=1000.0))
+    np.testing.assert_allclose(hot.cache["blocks.moe.router_probs", 0], 1 / 8, atol=2e-3)
+
+
+def test_head_ablation_zeroes_that_heads_output(golden_model, golden, none):
+    run = golden_model.run(golden[2]["tokens"], capture=["blocks.attn.head_out"], interventions=none.ablate_head(1, 2))
+    out = np.asarray(run.cache["blocks.attn.head_out"])
+    assert np.abs(out[1, :, :, 2]).max() == 0 and np.abs(out[1, :, :, 1]).max() > 0
+
+
+def test_patch_with_own_activations_is_noop(golden_model, golden, base, none):
+    iv = none.patch("blocks.resid_post", base.cache["blocks.resid_post"])
+    run = golden_model.run(golden[2]["tokens"], interventions=iv)
+    np.testing.assert_array_equal(run.logits, base.logits)
+
+
+def test_patch_last_layer_reproduces_other_prompt(golden_model, golden, none):
+    toks = golden[2]["tokens"]
+    other = np.roll(toks, 3, axis=1)
+    other[other == 0] = 7
+    src = golden_model.run(other, capture=["blocks.resid_post"])
+    positions = [2, 5, 11]
+    iv = none.patch("blocks.resid_post", src.cache["blocks.resid_post"], layers=[-1], positions=positions)
+    run = golden_model.run(toks, interventions=iv)
+    np.testing.assert_allclose(np.asarray(run.logits)[:, positions], np.asarray(src.logits)[:, positions], atol=1e-6)
+    unpatched = [p for p in range(toks.shape[1]) if p not in positions]
+    assert not np.allclose(np.asarray(run.logits)[:, unpatched], np.asarray(src.logits)[:, unpatched], atol=1e-3)
+
+
+def test_routing_patching_uses_other_prompts_decisions(golden_model, golden, none):
+    toks = golden[2]["tokens"]
+    other = golden_model.run(toks[::-1].copy(), capture=["blocks.moe.top_k_experts"])
+    iv = none.force_routing(np.asarray(other.cache["blocks.moe.top_k_experts"])[:, ::-1])  # align rows back
+    run = golden_model.run(toks, capture=["blocks.moe.*"], interventions=iv)
+    np.testing.assert_array_equal(run.cache["blocks.moe.top_k_experts"], other.cache["blocks.moe.top_k_experts"][:, ::-1])
+    probs = np.asarray(run.cache["blocks.moe.router_probs"])
+    np.testing.assert_array_equal(run.cache["blocks.moe.top_k_weights"],
+                                  np.take_along_axis(probs, np.asarray(run.cache["blocks.moe.top_k_experts"]), -1))
+
+
+def test_patch_shape_errors(golden, none):
+    with pytest.raises(ValueError, match="leading layer axis of 2"):
+        none.patch("blocks.resid_post", np.zeros((3, 2, 24, 64), np.float32))
+    with pytest.raises(KeyError, match="Did you mean"):
+        none.patch("blocks.resid_pots", np.zeros((2, 2, 24, 64), np.float32))
+
+
+def test_changing_values_never_recompiles(golden_model, golden, none):
+    toks = golden[2]["tokens"]
+    golden_model.run(toks, capture=["blocks.moe.expert_load"], interventions=none)  # compile once
+    start = api.TRACE_COUNT[0]
+    for layer, expert in [(0, 1), (1, 5), (0, 7)]:
+        iv = none.remove_expert(layer, expert).zero_expert(1 - layer, expert).ablate_head(layer, expert % 4)
+        golden_model.run(toks, capture=["blocks.moe.expert_load"], interventions=iv)
+    assert api.TRACE_COUNT[0] == start
+
+
+def test_vmapped_ablations_equal_one_by_one(golden_model, golden, none):
+    toks = golden[2]["tokens"]
+    ivs = [none.remove_expert(l, e) for l in range(2) for e in (0, 3)] + [none.zero_expert(1, 2)]
+    logits, cache = golden_model.run_many(toks, ivs, capture=["blocks.moe.expert_load"])
+    for i, iv in enumerate(ivs):
+        one = golden_model.run(toks, capture=["blocks.moe.expert_load"], interventions=iv)
+        np.testing.assert_allclose(logits[i], one.logits, atol=1e-6)
+        np.testing.assert_array_equal(cache["blocks.moe.expert_load"][i], one.cache["blocks.moe.expert_load"])
+
+
+def test_grad_through_expert_scale_matches_finite_differences(golden, none):
+    cfg, params, z = golden
+    toks = jnp.asarray(z["tokens"])
+
+    def loss(scale):
+        iv = gv.Interventions(**{**none.split()[0], "expert_scale": scale})
+        logits = gv.forward(params, toks, cfg, interventions=iv).logits
+        logp = jax.nn.log_softmax(logits[:, :-1], -1)
+        return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], -1))
+
+    scale = jnp.ones((cfg.num_layers, cfg.num_experts), jnp.float32)
+    g = np.asarray(jax.grad(loss)(scale))  # attribution: d loss / d (gate scale of expert e at layer l)
+    assert g.shape == (2, 8) and np.any(g != 0)
+    l, e = np.unravel_index(np.abs(g).argmax(), g.shape)
+    eps = 1e-2
+    fd = (loss(scale.at[l, e].add(eps)) - loss(scale.at[l, e].add(-eps))) / (2 * eps)
+    np.testing.assert_allclose(g[l, e], float(fd), rtol=5e-2)
+
+
+def test_stack_requires_same_patch_structure(golden, none):
+    with pytest.raises(ValueError, match="same hooks"):
+        stack([none, none.force_routing(np.zeros((2, 2, 24, 2), np.int32))])
+
+
+def test_repr_is_readable(none):
+    assert repr(none) == "Interventions(none)"
+    assert repr(none.remove_expert(1, 3).ablate_head(0, 2)) == "Interventions(remove L1E3; heads L0H2)"
