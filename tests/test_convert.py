@@ -1,0 +1,234 @@
+"""Converted format: bit-exact round trip, memory-mapped reading without a config, hashes, atomic writes, CLI."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import grokviz as gv
+from grokviz import cli
+from grokviz import convert as cv
+from grokviz.loading import MANIFEST_NAME, verify_release
+from grokviz.release import CheckpointError
+from grokviz.tokenizer import find_grok1_tokenizer
+
+DATA = Path(__file__).resolve().parent / "data"
+CKPT = DATA / "grok1_tiny_ckpt"
+
+
+def same_params(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def release_model(golden):
+    return gv.load(CKPT, config=golden[0], progress=False)
+
+
+@pytest.fixture(scope="module")
+def converted(golden, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("conv") / "grok1-tiny"
+    cv.convert(CKPT, dst, config=golden[0], progress=False)
+    return dst
+
+
+def test_layout_and_index(converted):
+    names = sorted(os.listdir(converted))
+    assert names == ["config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    index = json.loads((converted / cv.INDEX).read_text())
+    assert index["format"] == cv.FORMAT
+    for fname, rec in index["files"].items():
+        assert rec["sha256"] == hashlib.sha256((converted / fname).read_bytes()).hexdigest()
+    assert index["weight_map"]["layers.1.w_down.scales"] == "model-00001-of-00001.safetensors"
+    assert not any(n.startswith(".") for n in os.listdir(converted.parent))  # no temp dirs left
+
+
+def test_round_trip_is_bit_exact_and_needs_no_config(converted, release_model, golden):
+    model = gv.load(converted, progress=False)  # no config argument
+    assert model.cfg == golden[0]
+    same_params(model.params, release_model.params)
+    z = golden[2]
+    np.testing.assert_array_equal(np.asarray(model.run(z["tokens"]).logits),
+                                  np.asarray(release_model.run(z["tokens"]).logits))
+    assert float(np.abs(np.asarray(model.run(z["tokens"]).logits) - z["logits"]).max()) < 2e-5
+
+
+def test_reading_is_memory_mapped(converted):
+    items = list(cv.iter_converted(converted, progress=False))
+    w = next(v for n, l, v in items if n == "w_gate")
+    assert isinstance(w.weight, np.memmap) and w.weight.dtype == np.int8
+
+
+def test_dequantised_load_of_converted(converted, golden):
+    model = gv.load(converted, quantized=False, progress=False)
+    same_params(model.params, golden[1])
+
+
+def test_shards_readable_by_safetensors(converted):
+    from safetensors.numpy import load_file
+
+    t = load_file(str(converted / "model-00001-of-00001.safetensors"))
+    assert t["layers.0.w_q.weight"].dtype == np.int8 and str(t["layers.0.w_q.scales"].dtype) == "bfloat16"
+    assert t["embed"].shape == (512, 64)
+
+
+def test_many_shards_round_trip(tmp_path, release_model, golden):
+    dst = cv.convert(CKPT, tmp_path / "sharded", config=golden[0], progress=False, max_shard_bytes=60_000)
+    shards = [n for n in os.listdir(dst) if n.endswith(".safetensors")]
+    assert len(shards) > 4
+    same_params(gv.load(dst, verify=True, progress=False).params, release_model.params)
+
+
+def test_save_in_memory_model(tmp_path, golden):
+    cfg, params, _ = golden
+    dst = cv.save(gv.Model(cfg, params), tmp_path / "fp32")
+    same_params(gv.load(dst, progress=False).params, params)
+
+
+def test_verify_names_the_changed_file(converted, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(converted, bad)
+    assert set(cv.verify(bad)) == set(json.loads((bad / cv.INDEX).read_text())["files"])
+    shard = bad / "model-00001-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(cv.ConvertedCheckpointError, match=r"model-00001-of-00001\.safetensors: sha256"):
+        cv.verify(bad)
+    with pytest.raises(cv.ConvertedCheckpointError, match="model-00001-of-00001"):
+        gv.load(bad, verify=True, progress=False)
+    (bad / "config.json").unlink()
+    with pytest.raises(cv.ConvertedCheckpointError, match=r"config\.json: missing"):
+        cv.verify(bad)
+    assert cli.main(["verify", str(bad)]) == 1
+
+
+def test_truncated_shard_detected(converted, tmp_path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(converted, bad)
+    shard = bad / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(cv.ConvertedCheckpointError, match=r"model-00001-of-00001.*truncated"):
+        gv.load(bad, progress=False)
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, golden, monkeypatch):
+    import grokviz.release as rl
+
+    real = rl.read_tensor
+    count = {"n": 0}
+
+    def flaky(path, param=None):
+        count["n"] += 1
+        if count["n"] == 10:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(path, param)
+
+    monkeypatch.setattr(rl, "read_tensor", flaky)
+    dst = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        cv.convert(CKPT, dst, config=golden[0], progress=False)
+    assert not dst.exists()
+    assert os.listdir(tmp_path) == []  # the temporary directory was removed too
+
+
+def test_existing_destination(tmp_path, golden, converted):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep").write_text("x")
+    with pytest.raises(FileExistsError):
+        cv.convert(CKPT, dst, config=golden[0], progress=False)
+    assert (dst / "keep").exists()
+    cv.convert(CKPT, dst, config=golden[0], progress=False, overwrite=True)
+    assert not (dst / "keep").exists() and cv.verify(dst)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path, golden):
+    tok = find_grok1_tokenizer()
+    if tok is None:
+        pytest.skip("Grok-1 tokenizer.model not available (../shared/reference or $GROKVIZ_GROK1_TOKENIZER)")
+    src = tmp_path / "release"
+    shutil.copytree(CKPT, src)
+    shutil.copy(tok, src / "tokenizer.model")
+    assert gv.load(src, config=golden[0], progress=False).tokenizer is not None
+    dst = cv.convert(src, tmp_path / "conv", config=golden[0], progress=False)
+    assert "tokenizer.model" in json.loads((dst / cv.INDEX).read_text())["files"]
+    assert gv.load(dst, progress=False).tokenizer.vocab_size == 131072
+
+
+# --- manifest of a release directory -----------------------------------------------------------------------
+
+def test_manifest_and_release_verify(tmp_path, capsys):
+    m = cv.manifest(CKPT)
+    assert len(m) == 26 and m["ckpt-0/tensor00000_000"] == hashlib.sha256(
+        (CKPT / "ckpt-0" / "tensor00000_000").read_bytes()).hexdigest()
+    assert cli.main(["manifest", str(CKPT), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out == cv.format_manifest(m) and out.splitlines()[0].endswith("  ckpt-0/tensor00000_000")
+
+    rel = tmp_path / "rel"
+    shutil.copytree(CKPT, rel)
+    (rel / MANIFEST_NAME).write_text(out)  # as a user would with published checksums (sha256sum format)
+    assert len(verify_release(rel)) == 27  # 26 tensors + the manifest itself
+    p = rel / "ckpt-0" / "tensor00004_000"
+    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(CheckpointError, match=r"ckpt-0/tensor00004_000: sha256"):
+        gv.load(rel, config=tmp_config(tmp_path), verify=True, progress=False)
+
+
+def tmp_config(tmp_path):
+    z = np.load(DATA / "grok1_tiny.npz")
+    p = tmp_path / "golden_config.json"
+    p.write_text(str(z["config_json"]))
+    return p
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+def test_cli_convert_inspect_verify(tmp_path, capsys, release_model):
+    cfg_json = tmp_config(tmp_path)
+    dst = tmp_path / "cli-out"
+    assert cli.main(["convert", str(CKPT), str(dst), "--config", str(cfg_json), "--quiet"]) == 0
+    same_params(gv.load(dst, progress=False).params, release_model.params)
+    capsys.readouterr()
+    assert cli.main(["verify", str(dst)]) == 0
+    assert "OK: 2 files" in capsys.readouterr().out
+    assert cli.main(["inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "grokviz-safetensors" in out and "329,280" in out and "I8: 294,912" in out and "BF16" in out
+    assert cli.main(["inspect", str(CKPT)]) == 0
+    out = capsys.readouterr().out
+    assert "release" in out and "'q_width': 64" in out and "pass --config" in out
+    assert cli.main(["inspect", str(CKPT), "--config", str(cfg_json), "--plan", "--mesh", "2x4"]) == 0
+    assert "mesh (data, model) = (2, 4)" in capsys.readouterr().out
+
+
+def test_cli_convert_without_config_for_a_non_grok1_release(tmp_path, capsys):
+    assert cli.main(["convert", str(CKPT), str(tmp_path / "x"), "--quiet"]) == 1
+    assert "head split" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_train_delegates(monkeypatch, capsys):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("grokviz.train")
+    fake.cli_main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "grokviz.train", fake)
+    assert cli.main(["train", "--steps", "3"]) == 0 and calls == [["--steps", "3"]]
+    monkeypatch.setitem(sys.modules, "grokviz.train", None)  # import fails
+    assert cli.main(["train"]) == 2
+    assert "grokviz train is not available" in capsys.readouterr().err
