@@ -1,0 +1,330 @@
+"""Shared timing utilities for grokviz's benchmarks (no jax/torch import at module level).
+
+Method (the same as ``shared/bench-peers/_common.py``, re-implemented here so that ``bench/`` is
+self-contained):
+
+* every mode of one shape runs **interleaved**, in a new random order each round, in one process, after
+  ``warmup`` rounds; the table gives median and p25/p75 of the kept rounds — quote *ratios* from one run;
+* a **foreign-load filter**: ``/proc/stat`` busy time minus this process's CPU time is other processes'
+  load; a round where it exceeds ``max_foreign`` of the machine's CPUs is discarded and re-run after
+  waiting (bounded) for quiet. On a shared 2-core machine an XLA forward slows 2-10x when another
+  process takes a core, so unfiltered numbers mean little;
+* compile time (trace + lower + compile) is measured apart from step time;
+* peak RSS is VmHWM, optionally reset via ``/proc/self/clear_refs`` before the measured region;
+* the **floor**: forward-pass matmul FLOPs / the rate of a 2048^3 fp32 GEMM timed interleaved in the
+  same rounds (same library, same thread pool, same machine load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+SEED = 0
+GEMM_REF = "_gemm_2048"
+
+
+# --------------------------------------------------------------------------- configuration of record
+def config_of_record(num_layers: int = 4, **overrides):
+    """vocab 8192, d_model 256, 8 q / 2 kv heads of 32, 8 experts top-2, expert FFN 512 (wf=3), fp32."""
+    import grokviz as gv
+
+    kw = dict(name="bench-of-record", vocab_size=8192, d_model=256, num_layers=num_layers, num_q_heads=8,
+              num_kv_heads=2, head_dim=32, widening_factor=3, num_experts=8, top_k=2, sequence_len=8192)
+    kw.update(overrides)
+    cfg = gv.GrokConfig(**kw)
+    assert cfg.ffn_size == 512 or "widening_factor" in overrides, cfg.ffn_size
+    return cfg
+
+
+SHAPES = {"b4_t256": (4, 256), "b1_t1024": (1, 1024)}
+
+
+def tokens(batch: int, seq: int, vocab: int = 8192, seed: int = SEED) -> np.ndarray:
+    """int32 ids in [1, vocab): no padding (id 0 is grokviz's pad token)."""
+    return np.random.default_rng(seed).integers(1, vocab, size=(batch, seq)).astype(np.int32)
+
+
+def forward_flops(cfg, batch: int, seq: int, causal: bool = True) -> dict:
+    """GEMM FLOPs (2 per MAC) of one forward: q/k/v/o, QK^T + PV (causal lower triangle), router, the top_k
+    selected experts per token (gate, up, down), unembedding. Memory-bound ops are not counted."""
+    d, H, KV, hd = cfg.d_model, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+    E, k, F, V, L = cfg.num_experts, cfg.top_k, cfg.ffn_size, cfg.vocab_size, cfg.num_layers
+    n = batch * seq
+    pairs = batch * (seq * (seq + 1) // 2 if causal else seq * seq)
+    out = {
+        "attn_proj": L * n * (2 * d * H * hd + 2 * 2 * d * KV * hd + 2 * H * hd * d),
+        "attn_core": L * pairs * H * hd * 2 * 2,
+        "router": L * n * 2 * d * E,
+        "experts_topk": L * n * k * 3 * 2 * d * F,
+        "unembed": n * 2 * d * V,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------- foreign load
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_s() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / _HZ
+
+
+class ForeignLoad:
+    """Fraction of the machine's CPUs used by *other* processes between start() and stop()."""
+
+    def start(self):
+        t = os.times()
+        self.t0, self.b0, self.o0 = time.perf_counter(), _busy_s(), t.user + t.system
+        return self
+
+    def stop(self) -> float:
+        t = os.times()
+        wall = time.perf_counter() - self.t0
+        foreign = (_busy_s() - self.b0) - (t.user + t.system - self.o0)
+        return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+
+_WAIT_BUDGET = [float(os.environ.get("GROKVIZ_BENCH_MAX_WAIT_S", "300"))]
+
+
+def wait_quiet(max_foreign: float, window_s: float = 1.0, max_wait_s: float = 60.0) -> float:
+    """Sleep until other processes use at most ``max_foreign`` of the CPUs over ``window_s`` (bounded by
+    ``max_wait_s`` per call and a per-process budget, GROKVIZ_BENCH_MAX_WAIT_S, default 300 s)."""
+    t0 = time.perf_counter()
+    while _WAIT_BUDGET[0] > 0:
+        fl = ForeignLoad().start()
+        time.sleep(window_s)
+        if fl.stop() <= max_foreign or time.perf_counter() - t0 >= max_wait_s:
+            break
+        if time.perf_counter() - t0 >= _WAIT_BUDGET[0]:
+            break
+    waited = time.perf_counter() - t0
+    _WAIT_BUDGET[0] -= waited
+    return waited
+
+
+# --------------------------------------------------------------------------- memory
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: peak RSS since process start or the last :func:`reset_peak_rss`."""
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak(fn: Callable[[], object], runs: int = 2) -> dict:
+    """Peak RSS (MiB) over ``runs`` calls of fn, and its delta over the RSS just before."""
+    gc.collect()
+    base = rss_mb()
+    ok = reset_peak_rss()
+    for _ in range(runs):
+        fn()
+    peak = peak_rss_mb()
+    return {"base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1), "delta_rss_mb": round(peak - base, 1),
+            "peak_reset_ok": ok}
+
+
+def mem_subprocess(script: str, spec: str, extra: list[str] | None = None) -> dict:
+    """Run ``script --mem-only SPEC`` in a fresh interpreter; it prints one JSON line last."""
+    r = subprocess.run([sys.executable, script, "--mem-only", spec] + (extra or []), capture_output=True, text=True)
+    for line in reversed(r.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (r.stderr or r.stdout)[-800:]}
+
+
+# --------------------------------------------------------------------------- jax helpers
+def block(tree):
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return tree
+
+
+def compile_timed(jitted, *args, **kwargs):
+    """(compiled, trace+lower seconds, compile seconds, first-call seconds)."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args, **kwargs)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    block(compiled(*args, **kwargs))
+    t3 = time.perf_counter()
+    return compiled, t1 - t0, t2 - t1, t3 - t2
+
+
+def gemm_ref_fn(lib: str = "jax", n: int = 2048) -> Callable[[], object]:
+    """An fp32 n^3 GEMM in the harness's own library, to be timed interleaved with the modes."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    if lib == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        mm = jax.jit(jnp.matmul)
+        mm(ja, jb).block_until_ready()
+
+        def f():
+            mm(ja, jb).block_until_ready()
+    elif lib == "torch":
+        import torch
+
+        ta, tb, out = torch.from_numpy(a), torch.from_numpy(b), torch.empty(n, n)
+
+        def f():
+            torch.mm(ta, tb, out=out)
+    else:
+        out = np.empty((n, n), np.float32)
+
+        def f():
+            np.matmul(a, b, out=out)
+    f.flop = 2 * n ** 3
+    return f
+
+
+# --------------------------------------------------------------------------- timing
+def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps: int = 9,
+                      max_foreign: float = 0.2, max_rounds: int | None = None,
+                      verbose: bool = False) -> tuple[dict[str, list[float]], dict]:
+    """Time each callable (ms), all interleaved in a fresh random order each round. Returns (times, meta).
+
+    Rounds with foreign load > ``max_foreign`` are dropped and re-run (up to ``max_rounds``, default 3*reps);
+    if the machine never quiets down the least-contended dropped rounds fill the gap (meta says so).
+    """
+    names = list(fns)
+    rng = np.random.default_rng(SEED)
+    max_rounds = max_rounds or 3 * reps
+    kept, dropped = [], []
+    waited = wait_quiet(max_foreign)
+    r = 0
+    while len(kept) < reps and r < warmup + max_rounds:
+        order = [names[i] for i in rng.permutation(len(names))]
+        fl = ForeignLoad().start()
+        rt = {}
+        for n in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            fns[n]()
+            rt[n] = (time.perf_counter() - t0) * 1e3
+        foreign = fl.stop()
+        if verbose:
+            print(f"  round {r} foreign={foreign:.2f} " + " ".join(f"{n}={v:.1f}" for n, v in rt.items()),
+                  file=sys.stderr, flush=True)
+        if r >= warmup:
+            (kept if foreign <= max_foreign else dropped).append((foreign, rt))
+        if foreign > max_foreign:
+            waited += wait_quiet(max_foreign)
+        r += 1
+    filled = 0
+    if len(kept) < reps:
+        dropped.sort(key=lambda x: x[0])
+        filled = reps - len(kept)
+        kept += dropped[:filled]
+        dropped = dropped[filled:]
+    times = {n: [rt[n] for _, rt in kept] for n in names}
+    meta = {"rounds_kept": len(kept), "rounds_dropped": len(dropped), "rounds_filled_contended": filled,
+            "foreign_load_kept_mean": round(float(np.mean([f for f, _ in kept])), 3) if kept else None,
+            "foreign_load_kept_max": round(float(np.max([f for f, _ in kept])), 3) if kept else None,
+            "waited_s": round(waited, 1), "max_foreign": max_foreign}
+    return times, meta
+
+
+def summarize(ts: list[float]) -> dict:
+    q = np.percentile(ts, [25, 50, 75])
+    return {"median_ms": round(float(q[1]), 2), "p25_ms": round(float(q[0]), 2), "p75_ms": round(float(q[2]), 2),
+            "min_ms": round(min(ts), 2), "n": len(ts)}
+
+
+def gemm_gflops(times_ms: list[float], flop: float) -> float:
+    return flop / (statistics.median(times_ms) / 1e3) / 1e9
+
+
+# --------------------------------------------------------------------------- reporting
+def env_info() -> dict:
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_start": list(os.getloadavg())}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    for mod in ("jax", "jaxlib", "torch", "transformers"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            info[mod] = getattr(m, "__version__", "?")
+    return info
+
+
+def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    """rows -> markdown; cols = [(key, header)]. None -> '–'."""
+    def fmt(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |")
+    return "\n".join(out)
+
+
+def base_argparser(desc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=desc)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--max-foreign", type=float, default=0.2,
+                   help="drop rounds where other processes used more than this fraction of the CPUs")
+    p.add_argument("--json", default="", help="also write the rows (and meta) to this JSON file")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--mem-only", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def write_json(path: str, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        print(f"# wrote {path}")
