@@ -298,7 +298,7 @@ class AblationLab(_View):
         self.base = base
         self.n = int(base["real"][row].sum())
         self.str_tokens = base["run"].str_tokens(row)
-        self.vocab_labels = _vocab_labels(model)
+        self.vocab_labels = _VocabLabels(model)
         L, E, H = self.cfg.num_layers, self.cfg.num_experts, self.cfg.num_q_heads
         self.expert_boxes = {}
         rows = []
@@ -391,12 +391,16 @@ class AblationLab(_View):
         sync(self.route_fig, F.routing_change(b0, b1, self.str_tokens[:self.n], self.cfg.num_experts))
 
 
-def _vocab_labels(model) -> list[str]:
-    tok, V = model.tokenizer, model.cfg.vocab_size
-    if tok is None:
-        return [str(i) for i in range(V)]
-    n = min(V, tok.vocab_size()) if hasattr(tok, "vocab_size") else V
-    return [tok.id_to_piece(i) for i in range(n)] + [str(i) for i in range(n, V)]
+class _VocabLabels:
+    """Token id -> piece, looked up lazily (a real vocabulary has 131k entries; a plot shows about 20)."""
+
+    def __init__(self, model):
+        self.tok = model.tokenizer
+        self.n = int(self.tok.vocab_size) if self.tok is not None else 0
+
+    def __getitem__(self, i: int) -> str:
+        i = int(i)
+        return self.tok.id_to_piece(i) if i < self.n else str(i)
 
 
 # ------------------------------------------------------------------------------------------------- flow --
