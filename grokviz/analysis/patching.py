@@ -283,8 +283,9 @@ def patch_sweep(model, clean, corrupt, *, hook="blocks.resid_pre", target, foil=
     target, foil = _token_ids(model, target, b), None if foil is None else _token_ids(model, foil, b)
     pos = jnp.asarray(_last_real(corrupt_t, cfg.pad_token))
     rows = jnp.arange(b)
-    clean_run = model.run(clean_t, capture=[hook, "blocks.resid_pre"], expert_impl=expert_impl)
-    corrupt_run = model.run(corrupt_t, capture=["blocks.resid_pre"], expert_impl=expert_impl)
+    capture = sorted({hook, "blocks.resid_pre"})  # one compiled program for both runs
+    clean_run = model.run(clean_t, capture=capture, expert_impl=expert_impl)
+    corrupt_run = model.run(corrupt_t, capture=capture, expert_impl=expert_impl)
     m_clean = float(_metric(clean_run.logits, rows, jnp.asarray(_last_real(clean_t, cfg.pad_token)), target, foil))
     m_corrupt = float(_metric(corrupt_run.logits, rows, pos, target, foil))
     value = clean_run.cache[hook]

@@ -1,0 +1,180 @@
+"""Logit lens and direct logit attribution (DLA).
+
+**Logit lens.** Apply the model's own readout — final ``rms_norm`` (its learned scale) then the tied unembedding
+times the output multiplier — to an intermediate residual stream (``resid_pre``/``resid_mid``/``resid_post`` of
+each layer), as if the remaining layers were skipped.
+
+**Direct logit attribution, and the linearisation it uses.** Grok's blocks are sandwich-normed: each sublayer's
+write into the residual stream is ``rms_norm_k(out) = g_k * out * r_k`` with ``r_k = rsqrt(mean(out**2) + eps)``,
+and the readout is ``g_f * h * r_f``. Both are linear in their input once the scalar ``r`` (per token) is frozen
+at its value in the actual run. With ``r_3`` (the MoE post-norm, which follows the gated sum) and ``r_f`` frozen:
+
+* the MoE write of layer ``l`` is exactly ``sum_slots r_3 * g_3 * (gate_s * y_s)``, so each selected expert gets
+  the share ``r_3 * g_3 * gate_s * y_s`` (its gated output, scaled by the frozen post-norm factor);
+* each attention head gets ``r_2 * g_2 * (head_out_h @ W_o[h])`` (``r_2``: attention post-norm, frozen);
+* the token embedding (``embed.out``) is the remaining term;
+* a component ``c``'s direct effect on the logit of token v is ``om * r_f * (g_f * c) . E[v]``.
+
+These contributions sum *exactly* to the model's logit (the residual stream is the sum of the writes), which the
+tests check. They are direct effects only: what a component does through later layers is not included, and the
+frozen ``r`` hide how the norms would rescale if a component were removed (use the ablation sweeps for that).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..model.layers import rms_norm
+from ..params import dense
+
+__all__ = ["lens_logits", "logit_lens", "logit_lens_at", "dla_components", "direct_logit_attribution",
+           "DLA_CAPTURE"]
+
+STAGES = ("resid_pre", "resid_mid", "resid_post")
+DLA_CAPTURE = ["embed.out", "blocks.attn.head_out", "blocks.attn.out", "blocks.moe.out", "blocks.moe.expert_out",
+               "blocks.moe.top_k_weights", "blocks.moe.top_k_experts", "blocks.resid_post"]
+
+
+def lens_logits(params, cfg, resid) -> jax.Array:
+    """[..., d_model] -> [..., vocab]: final norm, tied unembedding, output multiplier."""
+    h = rms_norm(jnp.asarray(resid, jnp.float32), params["final_norm"], cfg.rms_eps)
+    return jnp.einsum("...d,vd->...v", h, dense(params["embed"], jnp.float32)) * cfg.output_multiplier
+
+
+def _pieces(model, ids):
+    tok = model.tokenizer
+    return [tok.id_to_piece(int(i)) if tok is not None else str(int(i)) for i in ids]
+
+
+def logit_lens(model, tokens, *, stages=STAGES) -> pd.DataFrame:
+    """Per (layer, stage): how well the lens readout predicts the next token over the batch.
+
+    Columns: layer, stage, loss (mean next-token NLL, nats), top1 (accuracy), kl_to_final (KL(final || lens)),
+    over positions whose token and next token are real. A final row (layer = num_layers, stage "final") is the
+    model itself."""
+    tokens = model.to_tokens(tokens)
+    run = model.run(tokens, capture=[f"blocks.{s}" for s in stages])
+    real = np.asarray(run.real)
+    valid = jnp.asarray(real[:, :-1] & real[:, 1:], jnp.float32)
+    n = jnp.maximum(valid.sum(), 1.0)
+    tgt = jnp.asarray(tokens[:, 1:])
+    final_lp = jax.nn.log_softmax(run.logits[:, :-1].astype(jnp.float32), -1)
+
+    def stats(logits):
+        lp = jax.nn.log_softmax(logits[:, :-1], -1)
+        nll = -jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]
+        top1 = (jnp.argmax(lp, -1) == tgt).astype(jnp.float32)
+        kl = jnp.sum(jnp.exp(final_lp) * (final_lp - lp), -1)
+        return [float(jnp.sum(x * valid) / n) for x in (nll, top1, kl)]
+
+    rows = []
+    for layer in range(model.cfg.num_layers):
+        for s in stages:
+            rows.append((layer, s, *stats(lens_logits(model.params, model.cfg, run.cache[f"blocks.{s}", layer]))))
+    rows.append((model.cfg.num_layers, "final", *stats(run.logits.astype(jnp.float32))))
+    return pd.DataFrame(rows, columns=["layer", "stage", "loss", "top1", "kl_to_final"])
+
+
+def logit_lens_at(model, tokens, *, row: int = 0, position: int = -1, k: int = 5, target=None,
+                  stages=STAGES) -> pd.DataFrame:
+    """The lens's top-``k`` next-token predictions at one position, per (layer, stage).
+
+    Columns: layer, stage, rank, token_id, token, prob; with ``target`` (a token id), also target_prob and
+    target_rank (0 = top) per row. ``position=-1`` is the row's last real token."""
+    tokens = model.to_tokens(tokens)
+    run = model.run(tokens, capture=[f"blocks.{s}" for s in stages])
+    if position < 0:
+        position = int(np.flatnonzero(np.asarray(run.real)[row])[position])
+    rows = []
+    readouts = [(layer, s, run.cache[f"blocks.{s}", layer][row, position])
+                for layer in range(model.cfg.num_layers) for s in stages]
+    for layer, s, resid in readouts + [(model.cfg.num_layers, "final", None)]:
+        logits = run.logits[row, position] if resid is None else lens_logits(model.params, model.cfg, resid)
+        probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
+        top = np.argsort(-probs)[:k]
+        extra = ()
+        if target is not None:
+            extra = (float(probs[target]), int(np.sum(probs > probs[target])))
+        for r, (v, piece) in enumerate(zip(top, _pieces(model, top))):
+            rows.append((layer, s, r, int(v), piece, float(probs[v]), *extra))
+    cols = ["layer", "stage", "rank", "token_id", "token", "prob"]
+    return pd.DataFrame(rows, columns=cols + (["target_prob", "target_rank"] if target is not None else []))
+
+
+def _rscale(x, eps):
+    x = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps)
+
+
+def dla_components(params, cfg, cache, target, foil=None) -> dict:
+    """Direct contributions to ``logit[target]`` (or ``logit[target] - logit[foil]``) at every position.
+
+    ``cache``: captures :data:`DLA_CAPTURE` of an intervention-free run; ``target``/``foil``: int [batch, seq]
+    token ids (or scalars). Returns numpy arrays: ``embed`` [batch, seq], ``heads`` [layer, batch, seq, head],
+    ``experts`` [layer, batch, seq, k] (slot order of ``top_k_experts``), ``total`` [batch, seq] (their sum,
+    which equals the model's logit / logit difference)."""
+    emb = dense(params["embed"], jnp.float32)
+    b = cfg.output_multiplier * params["final_norm"].astype(jnp.float32)
+    h_final = jnp.asarray(cache["blocks.resid_post"])[-1]
+    shape = h_final.shape[:2]
+    tgt = jnp.broadcast_to(jnp.asarray(target), shape)
+    u = emb[tgt] if foil is None else emb[tgt] - emb[jnp.broadcast_to(jnp.asarray(foil), shape)]
+    u = u * b * _rscale(h_final, cfg.rms_eps)  # [batch, seq, d]: the frozen readout direction
+    p = params["blocks"]
+
+    moe_r = _rscale(jnp.asarray(cache["blocks.moe.out"]), cfg.rms_eps)  # [l,b,t,1]
+    gated = jnp.asarray(cache["blocks.moe.expert_out"]) * jnp.asarray(cache["blocks.moe.top_k_weights"])[..., None]
+    g3 = p["moe_post_norm"].astype(jnp.float32)[:, None, None, None, :]
+    experts = jnp.einsum("lbtkd,btd->lbtk", gated * g3 * moe_r[..., None, :], u)
+
+    attn_r = _rscale(jnp.asarray(cache["blocks.attn.out"]), cfg.rms_eps)  # [l,b,t,1]
+    head_out = jnp.asarray(cache["blocks.attn.head_out"])  # [l,b,t,h,hd]
+    w_o = dense(p["w_o"], jnp.float32).reshape(cfg.num_layers, cfg.num_q_heads, cfg.head_dim, cfg.d_model)
+    g2 = p["attn_post_norm"].astype(jnp.float32)[:, None, None, :]
+    heads = jnp.einsum("lbthe,lhed,lbtd->lbth", head_out, w_o, g2 * attn_r * u[None])
+
+    embed = jnp.einsum("btd,btd->bt", jnp.asarray(cache["embed.out"]), u)
+    total = embed + heads.sum((0, 3)) + experts.sum((0, 3))
+    return {k: np.asarray(v) for k, v in
+            dict(embed=embed, heads=heads, experts=experts, total=total).items()}
+
+
+def direct_logit_attribution(model, tokens, target, *, row: int = 0, position: int = -1, foil=None) -> pd.DataFrame:
+    """DLA table at one position (default: the row's last real token): one row per component.
+
+    Columns: component ("embed", "head", "expert"), layer (-1 for embed), unit (head or expert id), slot (the
+    expert's rank in the token's top-k; -1 otherwise), gate (the expert's un-renormalised gate), contribution
+    (to ``logit[target]``, or ``logit[target] - logit[foil]``). ``df.attrs["logit"]`` holds the model's value,
+    which equals ``df.contribution.sum()``. ``target``/``foil``: token ids (or single-token strings)."""
+    tokens = model.to_tokens(tokens)
+    run = model.run(tokens, capture=DLA_CAPTURE)
+    if position < 0:
+        position = int(np.flatnonzero(np.asarray(run.real)[row])[position])
+    target, foil = _tok(model, target), None if foil is None else _tok(model, foil)
+    comp = dla_components(model.params, model.cfg, run.cache, target, foil)
+    ex = np.asarray(run.cache["blocks.moe.top_k_experts"])[:, row, position]
+    gates = np.asarray(run.cache["blocks.moe.top_k_weights"])[:, row, position]
+    rows = [("embed", -1, -1, -1, np.nan, float(comp["embed"][row, position]))]
+    for layer in range(model.cfg.num_layers):
+        for h in range(model.cfg.num_q_heads):
+            rows.append(("head", layer, h, -1, np.nan, float(comp["heads"][layer, row, position, h])))
+        for s in range(model.cfg.top_k):
+            rows.append(("expert", layer, int(ex[layer, s]), s, float(gates[layer, s]),
+                         float(comp["experts"][layer, row, position, s])))
+    df = pd.DataFrame(rows, columns=["component", "layer", "unit", "slot", "gate", "contribution"])
+    lg = np.asarray(run.logits[row, position], np.float64)
+    df.attrs["logit"] = float(lg[target] - (lg[foil] if foil is not None else 0.0))
+    df.attrs["position"] = position
+    return df
+
+
+def _tok(model, t):
+    if isinstance(t, str):
+        ids = model.tokenizer.encode(t)
+        if len(ids) != 1:
+            raise ValueError(f"{t!r} must encode to exactly one token, got {ids}")
+        return ids[0]
+    return int(t)
