@@ -1,0 +1,171 @@
+"""Writes notebooks/05_grok1_at_scale.ipynb (outputs stripped, stable cell ids). Run: .venv/bin/python scripts/make_notebook_05.py"""
+
+from pathlib import Path
+
+import nbformat
+
+OUT = Path(__file__).resolve().parent.parent / "notebooks" / "05_grok1_at_scale.ipynb"
+
+CELLS = [
+    ("md", """
+# Grok-1 at scale: real weights, safely
+
+This notebook walks through everything needed to go from the released Grok-1 checkpoint (about 300 GB of
+pickles, int8 weights) to a sharded grokviz model: **load** it without executing anything from the pickles,
+**inspect** it, **convert** it to safetensors with hashes, **verify** it, **plan** memory for 8 devices, and
+**run** it.
+
+Here it runs on `tests/data/grok1_tiny_ckpt`, a 2-layer model written in exactly the release's format by the
+official code. To use the real checkpoint, point `CHECKPOINT` at its `checkpoints/` directory (the one holding
+`ckpt-0/`) and set `CONFIG = None` (Grok-1 is recognised from the shapes)."""),
+    ("code", """
+from pathlib import Path
+import json, tempfile
+import numpy as np
+import grokviz as gv
+from grokviz import convert as cv
+from grokviz.sharding import plan_memory
+
+REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+CHECKPOINT = REPO / "tests" / "data" / "grok1_tiny_ckpt"   # <- the real one: /path/to/grok-1/checkpoints
+# the release format does not record how the query width splits into heads: give the config for non-Grok-1 sizes
+golden = np.load(REPO / "tests" / "data" / "grok1_tiny.npz")
+CONFIG = json.loads(str(golden["config_json"]))            # <- None for the real Grok-1"""),
+    ("md", """
+## 1. Inspect before loading
+
+`inspect` reports the format, what the shapes say about the model, and the bytes on disk. For the release it
+reads only the embedding and layer-0 files."""),
+    ("code", """
+info = cv.inspect(CHECKPOINT)
+{k: v for k, v in info.items() if k != "config"}"""),
+    ("md", """
+## 2. Load safely, keeping int8 in memory
+
+Each `tensor{i:05d}_000` file is a pickle. grokviz unpickles with an allow-list: numpy arrays and dtypes,
+`bfloat16`, and the release's `QuantizedWeight8bit` (mapped to `gv.Int8Weight`). Anything else is refused with
+an error naming the file and the class, before it could run. Files are checked (count, sizes against the
+config) before anything is read, then read one at a time. Files map to layers in *lexicographic* order
+(0, 1, 10, 11, ..., 2, ...), as the reference's sorted keys do.
+
+With `quantized=True` the seven quantised matrices stay int8 (+ bf16 scales) and are dequantised inside each
+matmul: the only form in which the full model fits on 8 x 80 GB."""),
+    ("code", """
+model = gv.load(CHECKPOINT, config=CONFIG, quantized=True)
+w = model.params["blocks"]["w_gate"]
+print(model)
+print(type(w).__name__, w.weight.dtype, w.weight.shape, "scales", w.scales.dtype, w.scales.shape)"""),
+    ("md", """
+## 3. It reproduces the reference
+
+The golden logits come from the official Grok-1 code on the same weights."""),
+    ("code", """
+run = model.run(golden["tokens"])
+print("max |logits - reference| =", float(np.abs(np.asarray(run.logits) - golden["logits"]).max()))"""),
+    ("md", """
+## 4. What a malicious checkpoint gets
+
+A pickle can name any importable function and have it called on load. Here one tries `os.system`; the
+restricted unpickler refuses it, and the marker file it would create does not appear."""),
+    ("code", """
+import os, pickle
+from grokviz.release import read_tensor, UnsafePickleError
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/grokviz_pwned",))
+
+bad = Path(tempfile.mkdtemp()) / "tensor00000_000"
+bad.write_bytes(pickle.dumps(Evil()))
+try:
+    read_tensor(bad)
+except UnsafePickleError as e:
+    print("refused:", str(e)[:160], "...")
+print("marker exists:", Path("/tmp/grokviz_pwned").exists())"""),
+    ("md", """
+## 5. Convert to safetensors, with a hash per file
+
+`convert` streams the release one tensor at a time into safetensors shards plus an index (SHA-256 and size of
+every file) and a `config.json`. It writes into a temporary directory and renames it into place at the end, so
+an interrupted conversion never leaves a half-written checkpoint. Shell: `grokviz convert SRC DST`."""),
+    ("code", """
+work = Path(tempfile.mkdtemp())
+dst = cv.convert(CHECKPOINT, work / "grok1-converted", config=CONFIG)
+sorted(p.name for p in dst.iterdir())"""),
+    ("md", """
+## 6. Verify and reload (no config needed, memory-mapped)
+
+`verify` re-hashes every file against the index and names any that differ (`grokviz verify PATH`). A converted
+checkpoint carries its config, and its shards are memory-mapped when read. The round trip is bit-exact."""),
+    ("code", """
+print(len(cv.verify(dst)), "files verified")
+model2 = gv.load(dst, verify=True)
+same = all(np.array_equal(np.asarray(a), np.asarray(b))
+           for a, b in zip(__import__("jax").tree_util.tree_leaves(model.params),
+                           __import__("jax").tree_util.tree_leaves(model2.params)))
+print("bit-exact round trip:", same)"""),
+    ("md", """
+For the release itself, `grokviz manifest PATH` (or `cv.manifest`) hashes every file in `sha256sum` format, to
+compare with published checksums; a `MANIFEST.sha256` next to `ckpt-0/` is then checked by
+`gv.load(..., verify=True)`."""),
+    ("code", """
+print(cv.format_manifest(dict(list(cv.manifest(CHECKPOINT).items())[:3])))"""),
+    ("md", """
+## 7. Memory plan for the full Grok-1 on 8 devices
+
+Computed from shapes only (nothing is allocated), with the reference's partition specs over a
+`("data", "model")` mesh. Shell: `grokviz inspect grok-1 --plan --devices 8 --dtype int8`."""),
+    ("code", """
+plan = plan_memory(gv.GrokConfig.grok1(), (1, 8), "int8")
+print(plan.table())
+print(f"bf16 instead: {plan_memory(gv.GrokConfig.grok1(), (1, 8), 'bf16').per_device_bytes / 1e9:.1f} GB per device")"""),
+    ("md", """
+## 8. Running sharded
+
+On a machine with 8 accelerators, `gv.load(CHECKPOINT, mesh=make_mesh((1, 8)))` places every tensor straight
+onto its shards as it is read (host memory holds one tensor at a time). Here there may be only one device, so
+the mesh below uses what is available; the logits match the unsharded run."""),
+    ("code", """
+import jax
+from grokviz.sharding import make_mesh
+
+n = len(jax.devices())
+mesh = make_mesh((1, n))
+sharded = gv.load(CHECKPOINT, config=CONFIG, mesh=mesh, progress=False)
+err = np.abs(np.asarray(sharded.run(golden["tokens"]).logits) - np.asarray(run.logits)).max()
+print(f"{n} device(s): max |sharded - unsharded| = {float(err):.2e}")"""),
+    ("md", """
+## 9. Text in, logits out
+
+With the real checkpoint, put the release's `tokenizer.model` next to `ckpt-0/` (or pass `tokenizer=`), then
+`model.run("The answer to life the universe and everything is of course")` works directly: encoding is the
+runner's (no BOS, pad 0)."""),
+    ("code", """
+from grokviz.tokenizer import find_grok1_tokenizer
+
+path = find_grok1_tokenizer()
+if path is not None:
+    from grokviz.tokenizer import Tokenizer
+    tok = Tokenizer(path)
+    print(tok, tok.encode("The answer to life the universe and everything is of course"))
+else:
+    print("Grok-1 tokenizer not found (set $GROKVIZ_GROK1_TOKENIZER)")"""),
+]
+
+
+def build():
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, (kind, src) in enumerate(CELLS):
+        cell = (nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell)(src.strip())
+        cell["id"] = f"nb05-{i:02d}"
+        nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(exist_ok=True)
+    nbformat.write(build(), OUT)
+    print(f"wrote {OUT}")
