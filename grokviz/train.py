@@ -93,8 +93,8 @@ def quick_config() -> GrokConfig:
 
 
 PRESETS: dict[str, tuple[GrokConfig, TrainConfig]] = {
-    "tiny": (tiny_config(), TrainConfig(steps=2000, batch_size=16, seq_len=128, lr=3e-3, warmup=100,
-                                        eval_every=500, ckpt_every=200, aux_coef=0.01, z_coef=1e-3)),
+    "tiny": (tiny_config(), TrainConfig(steps=1200, batch_size=16, seq_len=128, lr=3e-3, warmup=100,
+                                        eval_every=400, ckpt_every=200, aux_coef=0.01, z_coef=1e-3)),
     "quick": (quick_config(), TrainConfig(steps=150, batch_size=8, seq_len=64, lr=5e-3, warmup=20,
                                           eval_every=0, eval_batches=4, ckpt_every=0, aux_coef=0.01,
                                           z_coef=1e-3, log_every=5)),
@@ -161,7 +161,7 @@ def load_data(tokenizer_path: str = str(TOKENIZER_PATH), max_chars: int | None =
 def router_losses(router_logits, experts, real, num_experts: int):
     """(load-balancing aux, z-loss), each averaged over layers. router_logits [L,B,T,E]; experts [L,B,T,k]."""
     w = real.astype(jnp.float32)[None, :, :, None]              # [1,B,T,1]
-    n = jnp.maximum(jnp.sum(real), 1)
+    n = jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
     probs = jax.nn.softmax(router_logits, axis=-1)
     P = jnp.sum(probs * w, axis=(1, 2)) / n                      # [L,E]
     onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [L,B,T,k,E]
@@ -180,9 +180,9 @@ def loss_fn(params, batch, cfg: GrokConfig, aux_coef, z_coef, expert_impl: str =
     inputs, targets = batch[:, :-1], batch[:, 1:]
     out = forward(params, inputs, cfg, capture=CAPTURE, expert_impl=expert_impl)
     logits = out.logits.astype(jnp.float32)
-    real = (targets != cfg.pad_token) & (inputs != cfg.pad_token)
+    real = ((targets != cfg.pad_token) & (inputs != cfg.pad_token)).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    ce = jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1)
+    ce = jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
     aux, z = router_losses(out.cache["blocks.moe.router_logits"], out.cache["blocks.moe.top_k_experts"],
                            inputs != cfg.pad_token, cfg.num_experts)
     total = ce + aux_coef * aux + z_coef * z
@@ -202,6 +202,9 @@ def make_optimizer(tc: TrainConfig, steps: int | None = None):
 def make_step(cfg: GrokConfig, tc: TrainConfig, opt):
     @jax.jit
     def step(params, opt_state, batch, aux_coef, z_coef):
+        return _step(params, opt_state, batch, aux_coef, z_coef)
+
+    def _step(params, opt_state, batch, aux_coef, z_coef):
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg, aux_coef, z_coef,
                                                                      tc.expert_impl)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -221,12 +224,27 @@ def make_eval(cfg: GrokConfig, tc: TrainConfig):
     return ev
 
 
+@lru_cache(maxsize=8)
+def _compiled_key(cfg: GrokConfig, tc: TrainConfig):
+    opt = make_optimizer(tc)
+    return opt, make_step(cfg, tc, opt), make_eval(cfg, tc)
+
+
+def _compiled(cfg: GrokConfig, tc: TrainConfig):
+    """(optimizer, jitted step, jitted eval), shared by runs that differ only in the loss coefficients, the
+    logging/checkpoint cadence or the seed (all passed as values), so a notebook comparing aux_coef=0 with
+    aux_coef=0.01 compiles once."""
+    key = dataclasses.replace(tc, aux_coef=0.0, z_coef=0.0, eval_every=0, ckpt_every=0, log_every=1, seed=0)
+    return _compiled_key(cfg, key)
+
+
 def evaluate(params, cfg, tc, data: TokenData, n_batches: int | None = None, ev=None) -> dict:
-    ev = ev or make_eval(cfg, tc)
+    ev = ev or _compiled(cfg, tc)[2]
     n_batches = n_batches or tc.eval_batches
     ces, auxs = [], []
     for b in data.eval_batches(n_batches, tc.batch_size, tc.seq_len):
-        ce, aux = ev(params, jnp.asarray(b))
+        with jax.numpy_dtype_promotion("standard"):
+            ce, aux = ev(params, jnp.asarray(b))
         ces.append(float(ce))
         auxs.append(float(aux))
     return {"val_loss": float(np.mean(ces)), "val_aux": float(np.mean(auxs))}
@@ -263,7 +281,7 @@ def load_checkpoint(path, params_like, opt_state_like):
         n = treedef.num_leaves
         leaves = [jnp.asarray(z[f"leaf_{i:05d}"]) for i in range(n)]
     params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
-    hist = {k: (v if k == "eval" else list(v)) for k, v in info["history"].items()}
+    hist = info["history"]
     return params, opt_state, info["step"], hist, info["meta"]
 
 
@@ -312,16 +330,16 @@ def train(cfg: GrokConfig, data: TokenData | None = None, *, steps: int | None =
     if int(data.train.max()) >= cfg.vocab_size:
         raise ValueError(f"data has token id {int(data.train.max())} but cfg.vocab_size is {cfg.vocab_size}")
 
-    opt = make_optimizer(tc)
+    opt, _, _ = _compiled(cfg, tc)
     if params is None:
         params = init_params(cfg, jax.random.key(tc.seed))
-    opt_state = opt.init(params)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = opt.init(params)
     start, history = 0, _new_history()
     if checkpoint is not None and resume and Path(checkpoint).exists():
         params, opt_state, start, history, _ = load_checkpoint(checkpoint, params, opt_state)
 
-    step_fn = make_step(cfg, tc, opt)
-    ev = make_eval(cfg, tc) if tc.eval_every else None
+    opt, step_fn, ev = _compiled(cfg, tc)
     aux_c, z_c = jnp.float32(tc.aux_coef), jnp.float32(tc.z_coef)
     meta = {"cfg": dataclasses.asdict(cfg), "tc": dataclasses.asdict(tc)}
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
@@ -337,7 +355,8 @@ def train(cfg: GrokConfig, data: TokenData | None = None, *, steps: int | None =
     try:
         while s < end:
             batch = jnp.asarray(data.batch(s, tc.batch_size, tc.seq_len, tc.seed))
-            params, opt_state, m = step_fn(params, opt_state, batch, aux_c, z_c)
+            with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict promotion
+                params, opt_state, m = step_fn(params, opt_state, batch, aux_c, z_c)
             s += 1
             n_last += 1
             if s == compiled + 1:
@@ -365,7 +384,7 @@ def train(cfg: GrokConfig, data: TokenData | None = None, *, steps: int | None =
                     end = s
             if bar is not None:
                 bar.update(1)
-            if ev is not None and (s % tc.eval_every == 0 or s == tc.steps):
+            if tc.eval_every and (s % tc.eval_every == 0 or s == tc.steps):
                 r = evaluate(params, cfg, tc, data, ev=ev)
                 history["eval"].append({"step": s, **r})
                 if bar is not None:
