@@ -147,3 +147,75 @@ def test_routing_summary():
     assert df["layer"].tolist() == [0, 1]
     np.testing.assert_allclose(df["first_repeat"], [0.4, 0.6])
     assert df["first_repeat_baseline"].iloc[0] == pytest.approx(0.25)
+
+
+def test_token_class():
+    cases = {"\u2581\u2581\u2581\u2581": "whitespace", "\n": "whitespace", "<0x0A>": "whitespace",
+             "\u2581(": "punctuation", "):": "punctuation", "==": "punctuation", "\u25817": "digits",
+             "42": "digits", "\u2581def": "keyword", "return": "keyword", "\u2581None": "keyword",
+             "\u2581self_x": "identifier", "getValue": "identifier", "x2": "identifier", "\u2581the": "word",
+             "Hello": "word", "don't": "word", "[PAD]": "other", "<s>": "other", "<0xE2>": "other"}
+    for piece, want in cases.items():
+        assert R.token_class(piece) == want, piece
+    np.testing.assert_array_equal(R.vocab_classes(["\u2581the", "42"]), [5, 2])
+
+
+def test_group_counts_and_specialisation():
+    # layer 0 of EXPERTS with groups: row 0 = group 0, row 1 = group 1 (padding excluded)
+    groups = np.array([[0], [1]])
+    c = R.group_expert_counts(EXPERTS[:1], REAL, groups, 2, E)
+    np.testing.assert_array_equal(c[0], [[3, 2, 2, 1], [1, 1, 2, 2]])
+    df = R.specialisation(c, ["a", "b"])
+    row = df[(df.expert == 0) & (df.group == "a")].iloc[0]
+    assert row["share"] == pytest.approx(3 / 4) and row["base"] == pytest.approx(8 / 14)
+    assert row["lift"] == pytest.approx((3 / 4) / (8 / 14)) and row["expert_share"] == pytest.approx(3 / 8)
+    ex = R.expert_specialisation(c, ["a", "b"])
+    # mixes a:b -- e0 3:1, e1 2:1, e2 2:2, e3 1:2 against the layer's 8:6; e3 departs most, then e0
+    assert ex["expert"].tolist()[:2] == [3, 0]
+    p, q = np.array([1 / 3, 2 / 3]), np.array([8 / 14, 6 / 14])
+    assert ex.iloc[0]["kl"] == pytest.approx(np.sum(p * np.log(p / q)))
+    assert ex.iloc[0]["top_group"] == "b" and ex.iloc[0]["top_lift"] == pytest.approx((2 / 3) / (6 / 14))
+    # uniform mix: KL 0
+    assert R.expert_specialisation(np.ones((1, 3, 4)), "xyz")["kl"].abs().max() < 1e-12
+
+
+def test_top_tokens():
+    tokens = np.array([[5, 6, 5, 7], [6, 5, 7, 0]])
+    counts = R.token_expert_counts(EXPERTS[:1], REAL, tokens, 8, E)
+    # layer 0 token 5: slots (0,1) (3,0) (2,3) -> e0: 2, e1: 1, e2: 1, e3: 2
+    np.testing.assert_array_equal(counts[0, 5], [2, 1, 1, 2])
+    np.testing.assert_array_equal(counts[0].sum(0), R.expert_load(EXPERTS[:1], REAL, E)[0])
+    df = R.top_tokens(counts, k=2, min_count=2, pieces=[str(i) for i in range(8)])
+    top0 = df[(df.layer == 0) & (df.expert == 0)]
+    # e0 base share 4/14; token 5 share 2/6 (tokens 6 and 7: 1/4) -> the best among tokens seen >= 2 times
+    assert top0["token_id"].tolist() == [5, 6] and top0.iloc[0]["lift"] == pytest.approx((2 / 6) / (4 / 14))
+    assert top0.iloc[0]["freq"] == 3 and top0.iloc[0]["token"] == "5"
+
+
+def test_dataset_runner_matches_direct(golden_model, golden):
+    from grokviz.analysis import dataset as D
+
+    toks = np.asarray(golden[2]["tokens"])
+    rows = [{"tokens": toks[0], "domain": "x"}, {"tokens": toks[1][toks[1] > 0], "domain": "y"}] * 2
+    st = D.routing_stats(golden_model, rows, batch_size=2, max_len=24, progress=False)
+    run = golden_model.run(toks, capture=["blocks.moe.*"])
+    ex = np.asarray(run.cache["blocks.moe.top_k_experts"])
+    E, k = golden_model.cfg.num_experts, golden_model.cfg.top_k
+    np.testing.assert_array_equal(st.load, 2 * R.expert_load(ex, run.real, E))
+    np.testing.assert_array_equal(st.load, 2 * np.asarray(run.cache["blocks.moe.expert_load"]))
+    summ = st.summary()
+    direct = R.consecutive_rates(ex, run.real)
+    np.testing.assert_allclose(summ["first_repeat"], direct["first_repeat"])
+    np.testing.assert_allclose(summ["entropy"], R.routing_entropy(run.cache["blocks.moe.router_probs"], run.real),
+                               rtol=1e-6)
+    np.testing.assert_allclose(summ["switch_aux_loss"],
+                               R.switch_aux_loss(run.cache["blocks.moe.router_probs"], ex, run.real, E), rtol=1e-6)
+    assert summ["first_repeat_random"].iloc[0] == pytest.approx(1 / E)
+    dom = st.expert_specialisation("domain")
+    assert set(dom["top_group"].dropna()) <= {"x", "y"} and len(dom) == golden_model.cfg.num_layers * E
+    np.testing.assert_array_equal(st.domain_counts["x"], 2 * R.expert_load(ex[:, :1], run.real[:1], E))
+    assert st.token_counts.sum() == st.load.sum()
+    with pytest.raises(ValueError, match="tokenizer"):
+        st.specialisation("class")
+    assert len(st.paths()) == (golden_model.cfg.num_layers - 1) * E * E
+    assert k == 2
