@@ -53,6 +53,11 @@ def sync(fw: go.FigureWidget, fig: go.Figure) -> None:
         fw.layout.update(fig.layout.to_plotly_json(), overwrite=True)
 
 
+def _fw(width: int | None = None) -> go.FigureWidget:
+    """An empty FigureWidget; ``width`` keeps side-by-side figures inside a notebook column."""
+    return go.FigureWidget(layout=dict(width=width) if width else None)
+
+
 def _slider(cls: str, description: str, lo: int, hi: int, value: int) -> W.IntSlider:
     s = W.IntSlider(value=value, min=lo, max=max(hi, lo), description=description, continuous_update=False,
                     layout=W.Layout(width="420px"))
@@ -102,7 +107,7 @@ class RoutingExplorer(_View):
         self.token_slider = _slider("gv-token-slider", "token", 0, n - 1, self.state.token)
         self.chips = W.HTML()
         self.chips.add_class("gv-token-chips")
-        self.strip_fig, self.grid_fig, self.probs_fig = go.FigureWidget(), go.FigureWidget(), go.FigureWidget()
+        self.strip_fig, self.grid_fig, self.probs_fig = _fw(1150), _fw(640), _fw(520)
         self.figures = [self.strip_fig, self.grid_fig, self.probs_fig]
         self.html_parts = [self.chips]
         self.layer_slider.observe(lambda ch: self.set_layer(ch["new"]), names="value")
@@ -161,10 +166,12 @@ class ExpertLoadDashboard(_View):
         self.layer_slider = _slider("gv-load-layer-slider", "layer", 0, self.share.shape[0] - 1, layer)
         self.layer_slider.observe(lambda ch: self.set_layer(ch["new"]), names="value")
         title = f"Expert load share per layer ({self.n_tokens} tokens)"
-        self.heatmap_fig = go.FigureWidget(F.load_share_heatmap(self.share, title))
-        self.bars_fig, self.coact_fig = go.FigureWidget(), go.FigureWidget()
-        self.rates_fig = go.FigureWidget(F.consecutive_rates(self.rates["layer"], self.rates["first_repeat"],
-                                                             self.rates["topk_overlap"], self.baselines))
+        self.heatmap_fig = _fw(600)
+        sync(self.heatmap_fig, F.load_share_heatmap(self.share, title))
+        self.bars_fig, self.coact_fig = _fw(600), _fw(480)
+        self.rates_fig = _fw(560)
+        sync(self.rates_fig, F.consecutive_rates(self.rates["layer"], self.rates["first_repeat"],
+                                                 self.rates["topk_overlap"], self.baselines))
         self.figures = [self.heatmap_fig, self.bars_fig, self.coact_fig, self.rates_fig]
         self._draw()
         self.heatmap_fig.data[0].on_click(lambda trace, points, _: points.ys and self.set_layer(int(points.ys[0])))
@@ -222,7 +229,7 @@ class AttentionExplorer(_View):
         self.head_select.add_class("gv-head-select")
         self.layer_slider.observe(lambda ch: self.set(layer=ch["new"]), names="value")
         self.head_select.observe(lambda ch: self.set(head=ch["new"]), names="value")
-        self.pattern_fig, self.cap_fig, self.summary_fig = go.FigureWidget(), go.FigureWidget(), go.FigureWidget()
+        self.pattern_fig, self.cap_fig, self.summary_fig = _fw(620), _fw(540), _fw(540)
         self.figures = [self.pattern_fig, self.cap_fig, self.summary_fig]
         self._causal = np.tril(np.ones((n, n), bool))
         self._draw()
@@ -331,7 +338,7 @@ class AblationLab(_View):
         self.reset_button.on_click(lambda _: self.reset())
         self.summary = W.HTML()
         self.summary.add_class("gv-ablation-summary")
-        self.dist_fig, self.route_fig = go.FigureWidget(), go.FigureWidget()
+        self.dist_fig, self.route_fig = _fw(620), _fw(560)
         self.figures = [self.dist_fig, self.route_fig]
         self.html_parts = [self.summary]
         self.update()
@@ -427,7 +434,7 @@ class RoutingFlow(_View):
                                              continuous_update=False, layout=W.Layout(width="420px"))
         self.range_slider.add_class("gv-flow-range")
         self.range_slider.observe(lambda ch: self.set_layers(*ch["new"]), names="value")
-        self.fig = go.FigureWidget()
+        self.fig = _fw(1100)
         self.figures = [self.fig]
         self._draw()
         super().__init__([self.range_slider, self.fig])
