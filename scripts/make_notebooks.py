@@ -364,18 +364,14 @@ for l in range(cfg.num_layers):
     print(f"layer {l}: max |logit| {np.abs(x).max():6.2f}, beyond cap/2: {np.mean(np.abs(x) > cfg.attn_softcap / 2):.2%}")"""),
     md("## Per-head summaries for every layer\nThe same numbers as the explorer's bar chart, as a table."),
     code("""
-import pandas as pd
-from grokviz.viz.widgets import head_summary
-
-pattern = np.asarray(run.cache["blocks.attn.pattern"])[:, 0]
-rows = [dict(layer=l, head=h, kv_head=h // cfg.group_size, **{k: v[h] for k, v in head_summary(pattern[l]).items()})
-        for l in range(cfg.num_layers) for h in range(cfg.num_q_heads)]
-pd.DataFrame(rows).round(3)"""),
+from grokviz.analysis import attention as aa
+aa.head_summary(run.cache["blocks.attn.pattern"], run.real, run.cache["blocks.attn.logits"],
+                group_size=cfg.group_size).round(3)"""),
     md("## Do heads that share keys and values attend alike?\nCorrelation between the patterns of every pair of "
        "query heads at layer 0; heads in the same KV group share keys but have their own queries."),
     code("""
 import plotly.express as px
-flat = pattern[0].reshape(cfg.num_q_heads, -1)
+flat = np.asarray(run.cache["blocks.attn.pattern"])[0, 0].reshape(cfg.num_q_heads, -1)
 corr = np.corrcoef(flat)
 labels = [f"h{h} (kv {h // cfg.group_size})" for h in range(cfg.num_q_heads)]
 px.imshow(corr, x=labels, y=labels, zmin=-1, zmax=1, color_continuous_scale="RdBu_r",

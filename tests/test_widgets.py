@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import grokviz as gv
+import grokviz.analysis
 from grokviz import viz
 from grokviz.analysis import routing as ra
 from grokviz.api import forward_jit
@@ -101,8 +102,8 @@ def test_attention_explorer_layer_and_head(run):
     causal = np.tril(np.ones((SEQ, SEQ), bool))
     assert np.allclose(w.cap_fig.data[0].x, logits[causal])
     assert np.allclose(w.cap_fig.data[0].y, 30 * np.tanh(logits[causal] / 30), atol=1e-4)
-    ent = viz.widgets.head_summary(pat[1])["entropy (nats)"]
-    assert np.isclose(w.summary_fig.data[3].y[0], ent[3])
+    ent = gv.analysis.attention.head_entropy(np.asarray(run.cache["blocks.attn.pattern"]), run.real)
+    assert np.isclose(w.summary_fig.data[3].y[0], ent[1, 3])
     assert w.summary_fig.layout.title.text.startswith("Layer 1")
 
 

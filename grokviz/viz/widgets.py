@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.basedatatypes import BaseFigure
 
+from ..analysis import attention as aa
 from ..analysis import routing as ra
 from ..api import Run
 from ..interventions import Interventions
@@ -192,16 +193,6 @@ class ExpertLoadDashboard(_View):
 
 # -------------------------------------------------------------------------------------------- attention --
 
-def head_summary(pattern: np.ndarray) -> dict:
-    """pattern [head, seq, kv_seq] (real positions only) -> per-head entropy (nats), BOS mass, previous-token
-    score, each a mean over query positions."""
-    p = np.asarray(pattern, np.float64)
-    ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1).mean(-1)
-    bos = p[:, :, 0].mean(-1)
-    prev = np.diagonal(p, offset=-1, axis1=1, axis2=2).mean(-1) if p.shape[1] > 1 else np.zeros(p.shape[0])
-    return {"entropy (nats)": ent, "BOS mass": bos, "previous-token": prev}
-
-
 @dataclasses.dataclass
 class AttentionState:
     layer: int = 0
@@ -232,6 +223,10 @@ class AttentionExplorer(_View):
         self.pattern_fig, self.cap_fig, self.summary_fig = _fw(620), _fw(540), _fw(540)
         self.figures = [self.pattern_fig, self.cap_fig, self.summary_fig]
         self._causal = np.tril(np.ones((n, n), bool))
+        full, real = np.asarray(run.cache["blocks.attn.pattern"])[:, row:row + 1], run.real[row:row + 1]
+        self.summary = {"entropy (nats)": aa.head_entropy(full, real),           # each [layer, head]
+                        "first-token mass": aa.first_token_attention(full, real),
+                        "previous-token": aa.previous_token_score(full, real)}
         self._draw()
         super().__init__([W.HBox([self.layer_slider, self.head_select]),
                           W.HBox([self.pattern_fig, W.VBox([self.cap_fig, self.summary_fig])])])
@@ -251,7 +246,7 @@ class AttentionExplorer(_View):
         sync(self.pattern_fig, F.attention_pattern(self.pattern[l, h], self.tokens, l, h, h // g))
         sync(self.cap_fig, F.precap_vs_capped(self.logits[l, h][self._causal], self.scores[l, h][self._causal],
                                               self.cfg.attn_softcap, l, h))
-        sync(self.summary_fig, F.head_summaries(head_summary(self.pattern[l]), l, g))
+        sync(self.summary_fig, F.head_summaries({k: v[l] for k, v in self.summary.items()}, l, g))
 
 
 # --------------------------------------------------------------------------------------------- ablation --
