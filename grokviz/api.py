@@ -11,7 +11,7 @@ import numpy as np
 
 from .cache import ActivationCache
 from .config import GrokConfig
-from .hooks import AttentionSpec, select
+from .hooks import REGISTRY, AttentionSpec, select
 from .interventions import Interventions
 from .model.transformer import cache_layout, forward
 from .params import count_params, validate_params
@@ -20,10 +20,10 @@ from .params import count_params, validate_params
 TRACE_COUNT = [0]  # incremented each time the jitted forward is traced (i.e. compiled); tests read it
 
 
-def _forward(params, tokens, interventions, *, cfg, capture, expert_impl, unroll, callbacks, attn_spec):
+def _forward(params, tokens, interventions, length, *, cfg, capture, expert_impl, unroll, callbacks, attn_spec):
     TRACE_COUNT[0] += 1
     return forward(params, tokens, cfg, capture=capture, interventions=interventions, expert_impl=expert_impl,
-                   unroll=unroll, callbacks=dict(callbacks), attn_spec=attn_spec)
+                   unroll=unroll, callbacks=dict(callbacks), attn_spec=attn_spec, length=length)
 
 
 forward_jit = jax.jit(_forward, static_argnames=("cfg", "capture", "expert_impl", "unroll", "callbacks",
@@ -37,6 +37,29 @@ def _forward_many(params, tokens, stacked, *, cfg, capture, expert_impl):
 
 
 forward_many_jit = jax.jit(_forward_many, static_argnames=("cfg", "capture", "expert_impl"))
+
+
+def bucket_length(t: int, max_len: int) -> int:
+    """Smallest bucket >= t: 16, 32, 64, 128, 256, then multiples of 256; capped at max_len."""
+    b = 16
+    while b < t:
+        b = b * 2 if b < 256 else b + 256
+    return max(t, min(b, max_len))
+
+
+def trim_seq(name: str, value, t: int):
+    """Cut a captured array back to the first t positions along its seq/kv_seq axes."""
+    axes = REGISTRY[name].axes
+    index = tuple(slice(0, t) if a in ("seq", "kv_seq") else slice(None) for a in axes)
+    return value[index]
+
+
+def pad_seq(name: str, value, width: int):
+    """Zero-pad a patch value along its seq/kv_seq axes to ``width`` (the padded part is never applied)."""
+    axes = REGISTRY[name].axes
+    value = jnp.asarray(value)
+    return jnp.pad(value, [(0, width - value.shape[i]) if a in ("seq", "kv_seq") else (0, 0)
+                           for i, a in enumerate(axes)])
 
 
 def validate_tokens(tokens, cfg: GrokConfig) -> np.ndarray:
@@ -86,7 +109,7 @@ class Run:
 class Model:
     """A Grok-architecture model ready to run. ``Model(cfg, params, tokenizer=None)``."""
 
-    def __init__(self, cfg: GrokConfig, params, tokenizer=None, *, validate: bool = True):
+    def __init__(self, cfg: GrokConfig, params, tokenizer=None, *, validate: bool = True, bucket: bool = True):
         if not isinstance(cfg, GrokConfig):
             raise TypeError(f"cfg must be a GrokConfig, got {type(cfg).__name__}")
         if validate:
@@ -94,6 +117,7 @@ class Model:
         self.cfg = cfg
         self.params = params
         self.tokenizer = tokenizer
+        self.bucket = bucket
 
     def __repr__(self):
         tok = "with tokenizer" if self.tokenizer is not None else "no tokenizer"
@@ -122,11 +146,17 @@ class Model:
 
     def run(self, tokens_or_text, *, capture=None, interventions: Interventions | None = None,
             expert_impl: str = "sparse", unroll: bool = False, callbacks: dict[str, Any] | None = None,
-            top_k: int | None = None, attention: AttentionSpec | None = None) -> Run:
+            top_k: int | None = None, attention: AttentionSpec | None = None,
+            bucket: bool | None = None) -> Run:
         """Forward pass. ``capture``: hook names or globs; ``interventions``: data (no recompile when only
         values change); ``callbacks``: {hook: fn(value, layer) -> value} (static: recompiles);
         ``top_k``: route to a different number of experts (static: recompiles); ``attention``: an
-        :class:`~grokviz.hooks.AttentionSpec` limiting attention maps to some layers/heads (static)."""
+        :class:`~grokviz.hooks.AttentionSpec` limiting attention maps to some layers/heads (static);
+        ``bucket``: right-pad the sequence with pad tokens to a bucketed length (16, 32, ..., 256, then multiples
+        of 256) so prompts of similar lengths share one compiled program; results are trimmed back. Right
+        padding never changes real positions (causal attention, pad keys masked, padding excluded from expert
+        load) beyond fp32 rounding of the different shapes. Default: the model's ``bucket`` (True). Runs with
+        patches are never bucketed."""
         tokens = self.to_tokens(tokens_or_text)
         cfg = self.cfg if top_k is None else self.cfg.replace(top_k=top_k)
         if interventions is not None:
@@ -134,13 +164,30 @@ class Model:
         if callbacks:
             select(list(callbacks))  # validate names
         capture = select(capture)
-        if attention is not None:
-            check_attention_spec(attention, cfg, tokens.shape[1])
-        out = forward_jit(self.params, jnp.asarray(tokens), interventions, cfg=cfg, capture=capture,
+        t = tokens.shape[1]
+        attention = attention or AttentionSpec()
+        check_attention_spec(attention, cfg, t)
+        if "blocks.attn.pattern_at" in capture:  # negative query positions count from the true end
+            attention = dataclasses.replace(attention, queries=tuple(q % t for q in attention.queries))
+        bucket = self.bucket if bucket is None else bucket
+        padded = tokens
+        if bucket:
+            width = bucket_length(t, cfg.sequence_len)
+            padded = np.pad(tokens, ((0, 0), (0, width - t)), constant_values=cfg.pad_token)
+            if interventions is not None and interventions.patches and width != t:
+                interventions = dataclasses.replace(interventions, patches={
+                    k: (pad_seq(k, v, width), jnp.pad(m, [(0, 0)] * (m.ndim - 1) + [(0, width - t)]))
+                    for k, (v, m) in interventions.patches.items()})
+        length = jnp.int32(t) if bucket else None  # always given when bucketing, so the pytree never changes
+        out = forward_jit(self.params, jnp.asarray(padded), interventions, length, cfg=cfg, capture=capture,
                           expert_impl=expert_impl, unroll=unroll,
                           callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention)
-        cache = ActivationCache(out.cache, cache_layout(capture, cfg, attention))
-        return Run(tokens=tokens, logits=out.logits, cache=cache, model=self)
+        logits, values = out.logits, out.cache
+        if padded.shape[1] != t:
+            logits = logits[:, :t]
+            values = {k: trim_seq(k, v, t) for k, v in values.items()}
+        cache = ActivationCache(values, cache_layout(capture, cfg, attention))
+        return Run(tokens=tokens, logits=logits, cache=cache, model=self)
 
 
 def _run_many(self, tokens_or_text, interventions, *, capture=None, expert_impl="sparse"):

@@ -11,12 +11,22 @@ from ..params import dense
 from .layers import MASK_VALUE, rope, softcap
 
 
-def attention_mask(tokens, pad_token):
-    """[batch, 1, seq, kv_seq] bool: key is real (token > pad) and causal (kv_seq <= seq). Queries are not masked."""
+def attention_mask(tokens, pad_token, length=None):
+    """(allowed, fill): allowed [batch, 1, seq, kv_seq] bool — key is real (token > pad) and causal
+    (kv_seq <= seq); queries are not masked. ``fill`` is the value of masked logits: -1e30 as in the reference.
+
+    ``length`` (optional, traced): the true sequence length when the tokens were right-padded to a bucket.
+    Keys at or beyond it get -2e30, so a query whose keys are all masked (left padding) is uniform over the
+    first ``length`` keys exactly as in an unpadded run, while every other row is unchanged.
+    """
     real = tokens > pad_token
     t = tokens.shape[1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return real[:, None, None, :] & causal[None, None]
+    allowed = real[:, None, None, :] & causal[None, None]
+    if length is None:
+        return allowed, jnp.float32(MASK_VALUE)
+    fill = jnp.where(jnp.arange(t) < length, jnp.float32(MASK_VALUE), jnp.float32(2 * MASK_VALUE))
+    return allowed, fill
 
 
 def _rope_point(point, name, x, positions, base):
@@ -65,7 +75,8 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     scores = softcap(logits, cfg.attn_softcap)
     if point.wants("attn.scores"):
         point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
+    allowed, fill = mask
+    scores = jnp.where(allowed[:, :, None], scores, fill)
     pattern = jax.nn.softmax(scores, axis=-1)
     reduce = any(point.wants(n) for n in ("attn.entropy", "attn.pattern_at", "attn.top_keys",
                                           "attn.top_key_weights"))

@@ -37,7 +37,7 @@ def _select_heads(name, value, spec):
 
 
 def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, expert_impl="sparse",
-            unroll=False, callbacks=None, attn_spec: AttentionSpec | None = None) -> Output:
+            unroll=False, callbacks=None, attn_spec: AttentionSpec | None = None, length=None) -> Output:
     """Pure forward pass. tokens: int [batch, seq] (pad id = padding, masked as keys only).
 
     ``capture``: frozenset of registered hook names (see :func:`grokviz.hooks.select`).
@@ -47,6 +47,7 @@ def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, exp
     ``attn_spec``: :class:`grokviz.hooks.AttentionSpec` — which layers/heads keep full attention maps, and the
     parameters of the reduced attention hooks. Maps kept for selected layers only are stacked over those
     layers (in increasing order) and never materialised for the others.
+    ``length``: true length when ``tokens`` were right-padded to a bucket (see :func:`attention_mask`).
     """
     if expert_impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl must be one of {sorted(EXPERT_IMPLS)}, got {expert_impl!r}")
@@ -57,7 +58,7 @@ def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, exp
     top = Point(capture, patches=top_patches, callbacks=callbacks)
 
     real = tokens > cfg.pad_token
-    mask = attention_mask(tokens, cfg.pad_token)
+    mask = attention_mask(tokens, cfg.pad_token, length)
     emb = dense(params["embed"], jnp.float32)
     h = top("embed.out", emb[tokens] * cfg.embedding_multiplier)
 
