@@ -39,11 +39,17 @@ def _unembed(params, cfg, h):
 
 
 def suffix_logits(params, cfg, tokens, h0, start, iv_layers=None, patches=None, expert_impl="sparse"):
-    """Logits of the model run from layer ``start`` on, with ``h0`` [batch, seq, d_model] as ``resid_pre[start]``.
+    """Logits of the model run from layer ``start`` on, with ``h0`` [batch, seq, d_model] as ``resid_pre[start]``
+    (``start = num_layers``: no layer runs, ``h0`` is read out).
 
     ``iv_layers``: the per-layer dict of :meth:`Interventions.split` (arrays with a leading layer axis) or None;
     ``patches``: {blocks hook name: (value [layer, ...], mask [layer, batch, seq])} applied inside the blocks.
     Pure and traceable; ``start`` may be a traced int."""
+    return _unembed(params, cfg, suffix_hidden(params, cfg, tokens, h0, start, iv_layers, patches, expert_impl))
+
+
+def suffix_hidden(params, cfg, tokens, h0, start, iv_layers=None, patches=None, expert_impl="sparse"):
+    """The residual stream leaving the last layer, running layers ``start ..`` from ``h0`` (see suffix_logits)."""
     real = tokens > cfg.pad_token
     mask = attention_mask(tokens, cfg.pad_token)
     patches = patches or {}
@@ -59,7 +65,7 @@ def suffix_logits(params, cfg, tokens, h0, start, iv_layers=None, patches=None, 
 
     xs = (params["blocks"], iv_layers, patches, jnp.arange(cfg.num_layers))
     h, _ = jax.lax.scan(body, h0, xs)
-    return _unembed(params, cfg, h)
+    return h
 
 
 def lm_sums(logits, tokens, pad_token, base_logp=None):
@@ -75,24 +81,66 @@ def lm_sums(logits, tokens, pad_token, base_logp=None):
     return jnp.sum(nll * valid), jnp.sum(kl * valid), jnp.sum(valid)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
-def _baseline(params, tokens, cfg, expert_impl):
+def _base_terms(logits, tokens, pad_token):
+    """Per-batch constants of the baseline for :func:`_loss_sums`: p = softmax, c = sum p log p, valid."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
+    real = tokens > pad_token
+    return {"p": p, "c": jnp.sum(p * logp, -1), "valid": (real[:, :-1] & real[:, 1:]).astype(jnp.float32)}
+
+
+def _loss_sums(logits, tokens, base):
+    """(sum NLL, sum KL(base || logits)) without materialising log-probabilities:
+    ``nll = lse - z[target]``, ``KL = sum p log p - sum p z + lse``."""
+    z = logits[:, :-1].astype(jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    nll = lse - jnp.take_along_axis(z, tokens[:, 1:, None], axis=-1)[..., 0]
+    kl = base["c"] - jnp.sum(base["p"] * z, -1) + lse
+    return jnp.sum(nll * base["valid"]), jnp.sum(kl * base["valid"])
+
+
+_lm_sums_jit = jax.jit(lm_sums, static_argnums=2)
+
+_BASE_CAPTURE = frozenset({"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.expert_out",
+                           "blocks.moe.top_k_weights", "blocks.moe.top_k_experts"})
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "expert_impl", "capture"))
+def _baseline(params, tokens, cfg, expert_impl, capture=frozenset({"blocks.resid_pre"})):
     from ..model.transformer import forward
 
-    out = forward(params, tokens, cfg, capture=frozenset({"blocks.resid_pre"}), expert_impl=expert_impl)
-    logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll, _, n = lm_sums(out.logits, tokens, cfg.pad_token)
-    return out.cache["blocks.resid_pre"], logp, nll, n
+    out = forward(params, tokens, cfg, capture=capture, expert_impl=expert_impl)
+    base = _base_terms(out.logits, tokens, cfg.pad_token)
+    nll, _ = _loss_sums(out.logits, tokens, base)
+    return out.cache, base, nll, jnp.sum(base["valid"])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
-def _sweep_layer(params, tokens, h0, base_logp, ivs, start, cfg, expert_impl):
-    def one(iv):
-        logits = suffix_logits(params, cfg, tokens, h0, start, iv, None, expert_impl)
-        nll, kl, _ = lm_sums(logits, tokens, cfg.pad_token, base_logp)
-        return nll, kl
+def _sweep_layer(params, tokens, h0, base, ivs, start, cfg, expert_impl):
+    """Generic: every variant runs layers start.. from resid_pre[start] with its own interventions."""
+    hs = jax.vmap(lambda iv: suffix_hidden(params, cfg, tokens, h0, start, iv, None, expert_impl))(ivs)
+    return jax.lax.map(lambda x: _loss_sums(_unembed(params, cfg, x), tokens, base), hs)
 
-    return jax.vmap(one)(ivs)
+
+@functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
+def _sweep_zero_experts(params, tokens, cache, base, layer, units, cfg, expert_impl):
+    """Zero-ablation of experts ``units`` at ``layer``: routing and expert outputs of that layer are unchanged, so
+    its MoE output is re-combined from the captured per-slot outputs without the ablated expert (the same
+    ``sum_k gate_k y_k`` as the model), and only layers ``layer + 1 ..`` run, for all variants as one batch."""
+    y = cache["blocks.moe.expert_out"][layer]                      # [b, t, k, d]
+    ex = cache["blocks.moe.top_k_experts"][layer]                  # [b, t, k]
+    gates = cache["blocks.moe.top_k_weights"][layer]
+    keep = ex[None] != units[:, None, None, None]                  # [n, b, t, k]
+    g = jnp.where(keep, gates[None], 0.0).astype(y.dtype)
+    m = jnp.einsum("nbtk,btkd->nbtd", g, y)
+    post = rms_norm(m, params["blocks"]["moe_post_norm"][layer], cfg.rms_eps)
+    h = cache["blocks.resid_mid"][layer][None] + post             # [n, b, t, d]
+    # later layers have no intervention: fold the variants into the batch axis (one plain, wider forward)
+    n, b, t, d = h.shape
+    hf = suffix_hidden(params, cfg, jnp.tile(tokens, (n, 1)), h.reshape(n * b, t, d), layer + 1, None, None,
+                       expert_impl)
+    # read out one variant at a time: a [n, b, t, vocab] block of logits would not stay in cache
+    return jax.lax.map(lambda x: _loss_sums(_unembed(params, cfg, x), tokens, base), hf.reshape(n, b, t, d))
 
 
 # ----------------------------------------------------------------------------------------------- ablations
@@ -135,7 +183,9 @@ def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chu
     cfg, params = model.cfg, model.params
     n_units = _check_kind(cfg, kind, mode)
     tokens = jnp.asarray(model.to_tokens(tokens))
-    resid, base_logp, base_nll, n_pred = _baseline(params, tokens, cfg, expert_impl)
+    fast = kind == "expert" and mode == "zero"
+    capture = _BASE_CAPTURE if fast else frozenset({"blocks.resid_pre"})
+    cache, base, base_nll, n_pred = _baseline(params, tokens, cfg, expert_impl, capture)
     layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
     chunk = chunk or n_units
     out = {"layer": [], "unit": [], "nll": [], "kl": []}
@@ -143,9 +193,13 @@ def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chu
         for lo in range(0, n_units, chunk):
             units = list(range(lo, min(lo + chunk, n_units)))
             units_padded = units + [units[-1]] * (chunk - len(units))  # keep one compiled shape
-            ivs = _ablation_ivs(cfg, kind, mode, layer, units_padded)
-            nll, kl = _sweep_layer(params, tokens, resid[layer], base_logp, ivs, jnp.int32(layer), cfg,
-                                   expert_impl)
+            if fast:
+                nll, kl = _sweep_zero_experts(params, tokens, cache, base, jnp.int32(layer),
+                                              jnp.asarray(units_padded, jnp.int32), cfg, expert_impl)
+            else:
+                ivs = _ablation_ivs(cfg, kind, mode, layer, units_padded)
+                nll, kl = _sweep_layer(params, tokens, cache["blocks.resid_pre"][layer], base, ivs,
+                                       jnp.int32(layer), cfg, expert_impl)
             out["layer"] += [layer] * len(units)
             out["unit"] += units
             out["nll"].append(np.asarray(nll)[: len(units)])
@@ -166,7 +220,7 @@ def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=
     tokens = model.to_tokens(tokens)
     base = model.run(tokens, expert_impl=expert_impl).logits
     base_logp = jax.nn.log_softmax(base[:, :-1].astype(jnp.float32), axis=-1)
-    base_nll, _, n_pred = lm_sums(base, jnp.asarray(tokens), cfg.pad_token)
+    base_nll, _, n_pred = _lm_sums_jit(base, jnp.asarray(tokens), cfg.pad_token)
     layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
     out = {"layer": [], "unit": [], "nll": [], "kl": []}
     none = Interventions.none(cfg)
@@ -179,7 +233,7 @@ def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=
             else:
                 iv = none.remove_expert(layer, u)
             logits = model.run(tokens, interventions=iv, expert_impl=expert_impl).logits
-            nll, kl, _ = lm_sums(logits, jnp.asarray(tokens), cfg.pad_token, base_logp)
+            nll, kl, _ = _lm_sums_jit(logits, jnp.asarray(tokens), cfg.pad_token, base_logp)
             out["layer"].append(layer)
             out["unit"].append(u)
             out["nll"].append(float(nll))
@@ -239,6 +293,10 @@ def _last_real(tokens, pad):
 
 def _metric(logits, rows, pos, target, foil):
     last = logits[rows, pos].astype(jnp.float32)  # [batch, vocab]
+    return _metric_last(last, rows, target, foil)
+
+
+def _metric_last(last, rows, target, foil):
     if foil is None:
         m = jax.nn.log_softmax(last, axis=-1)[rows, target]
     else:
@@ -253,10 +311,11 @@ def _patch_layer(params, tokens, h0, value, masks, start, target, foil, pos, cfg
     def one(mask):
         if name == "blocks.resid_pre":  # patch the stream entering `start` directly
             h = jnp.where(mask[start][..., None], value[start], h0)
-            logits = suffix_logits(params, cfg, tokens, h, start, None, None, expert_impl)
+            h = suffix_hidden(params, cfg, tokens, h, start, None, None, expert_impl)
         else:
-            logits = suffix_logits(params, cfg, tokens, h0, start, None, {name: (value, mask)}, expert_impl)
-        return _metric(logits, rows, pos, target, foil)
+            h = suffix_hidden(params, cfg, tokens, h0, start, None, {name: (value, mask)}, expert_impl)
+        last = _unembed(params, cfg, h[rows, pos][:, None])[:, 0]  # read out the metric positions only
+        return _metric_last(last, rows, target, foil)
 
     return jax.vmap(one)(masks)
 
