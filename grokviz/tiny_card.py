@@ -31,7 +31,7 @@ import numpy as np
 from .tiny import TINY_DIR, load_tiny
 
 DOMAINS = ("code", "prose", "numbers")
-PROMPTS = ["def forward(self, x):", "import os\nimport ", "class Parser:\n    def __init__(self", "12 + 7 = ",
+PROMPTS = ["def forward(self, x):", "import os\nimport", "class Parser:\n    def __init__(self", "12 + 7 = ",
            "1, 2, 3, 4, 5, ", "The Python interpreter", "for i in range(", "Return the number of"]
 
 
@@ -168,8 +168,13 @@ def predictions(model, prompts=PROMPTS, top: int = 5, gen: int = 24, width: int 
                 break
             buf[0, n] = nxt
             n += 1
-        out.append({"prompt": text, "top_next": first, "greedy": tok.decode(buf[0, len(ids):n].tolist())})
+        full, head = tok.decode(buf[0, :n].tolist()), tok.decode(ids)
+        out.append({"prompt": text, "top_next": first, "greedy": full[len(head):]})
     return out
+
+
+def _piece(p: str) -> str:
+    return p.replace("\n", "\\n").replace("\t", "\\t").replace("`", "'")
 
 
 def _pct(x):
@@ -220,7 +225,10 @@ def render(stats: dict, preds: list[dict], conf: dict, model) -> str:
         f"({tr.get('steps', 0) * tr.get('batch_size', 0) * tr.get('seq_len', 0):,} tokens, seed "
         f"{tr.get('seed')}). Training time: **{secs / 60:.1f} minutes** of steps "
         f"({conf.get('wall_seconds', float('nan')) / 60:.1f} minutes wall clock including data encoding, "
-        f"compilation, evaluation and checkpoints) on a shared 2-core CPU.",
+        f"compilation, evaluation and checkpoints) on a 2-core CPU shared with other jobs (throughput varied "
+        f"between about 1,000 and 7,000 tokens/s). Re-running the command on the same machine gives the same "
+        f"weights bit for bit (batches depend only on seed and step; resume is exact); another CPU may differ in "
+        f"the last bits of floating point.",
         "",
         "## Validation loss",
         "",
@@ -262,6 +270,11 @@ def render(stats: dict, preds: list[dict], conf: dict, model) -> str:
     for l in range(L):
         lines.append(f"| {l} | {_pct(c['first_repeat'][l])} | {_pct(fb)} | {_pct(c['topk_overlap'][l])} | "
                      f"{_pct(ob)} |")
+    fr, ov = np.asarray(c["first_repeat"]), np.asarray(c["topk_overlap"])
+    verdict = ("Routing has real structure: " if fr.max() > fb + 0.05 else "Routing shows little structure: ")
+    lines += ["", verdict + f"first-choice repeats are {fr.min() / fb:.1f}x to {fr.max() / fb:.1f}x the random "
+              f"rate (highest in layer {int(fr.argmax())}), top-{k} overlaps {_pct(ov.min())} to {_pct(ov.max())} "
+              f"against {_pct(ob)}, while the load stays balanced by the auxiliary loss."]
     lines += ["", "By domain (pairs of adjacent tokens inside one domain):", "",
               "| layer | " + " | ".join(f"{d} repeat | {d} overlap" for d in DOMAINS) + " |",
               "|---:|" + "---:|" * (2 * len(DOMAINS))]
@@ -283,7 +296,7 @@ def render(stats: dict, preds: list[dict], conf: dict, model) -> str:
     lines += ["", "## Example next-token predictions", "",
               "Top-5 next tokens (probability) and a 24-token greedy continuation; `▁` is a space.", ""]
     for p in preds:
-        top = ", ".join(f"`{t}` {pr:.2f}" for t, pr in p["top_next"])
+        top = ", ".join(f"`{_piece(t)}` {pr:.2f}" for t, pr in p["top_next"])
         lines += [f"* `{p['prompt']!r}` → {top}", f"  greedy: `{p['greedy']!r}`"]
     lines += ["", "## Limitations", "",
               "A toy: a few million parameters trained for minutes on a few million tokens of Python and its "
