@@ -187,8 +187,9 @@ def test_top_tokens():
     np.testing.assert_array_equal(counts[0].sum(0), R.expert_load(EXPERTS[:1], REAL, E)[0])
     df = R.top_tokens(counts, k=2, min_count=2, pieces=[str(i) for i in range(8)])
     top0 = df[(df.layer == 0) & (df.expert == 0)]
-    # e0 base share 4/14; token 5 share 2/6 (tokens 6 and 7: 1/4) -> the best among tokens seen >= 2 times
-    assert top0["token_id"].tolist() == [5, 6] and top0.iloc[0]["lift"] == pytest.approx((2 / 6) / (4 / 14))
+    # e0 is selected by 4 of 7 tokens; token 5 by 2 of its 3 (tokens 6 and 7: 1 of 2) -> best of those seen >= 2x
+    assert top0["token_id"].tolist() == [5, 6]
+    assert top0.iloc[0]["share"] == pytest.approx(2 / 3) and top0.iloc[0]["lift"] == pytest.approx((2 / 3) / (4 / 7))
     assert top0.iloc[0]["freq"] == 3 and top0.iloc[0]["token"] == "5"
 
 

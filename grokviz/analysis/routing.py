@@ -408,26 +408,26 @@ def token_expert_counts(experts, real, tokens, vocab_size: int, num_experts: int
 def top_tokens(counts, k: int = 10, min_count: int = 5, pieces=None, top_k: int = 2) -> pd.DataFrame:
     """The vocabulary each expert prefers, from [layer, vocab, expert] slot counts (``top_k`` slots per token).
 
-    For token v and expert e: ``share`` = fraction of v's routed slots that went to e; ``lift`` = share over e's
-    share of all slots (1 = the expert sees v at its base rate; at most ``1 / base``). Tokens seen fewer than
-    ``min_count`` times are skipped. Returns the ``k`` highest-lift tokens per (layer, expert), ties broken by
-    count: layer, expert, rank, token_id, token (the piece when ``pieces`` is given), freq (occurrences of v),
-    count (v's slots on e), share, lift."""
+    For token v and expert e: ``share`` = fraction of v's occurrences that selected e (in any of the k slots; at
+    most 1); ``lift`` = share over the fraction of all tokens that selected e (1 = the expert sees v at its base
+    rate). Tokens seen fewer than ``min_count`` times are skipped. Returns the ``k`` highest-lift tokens per
+    (layer, expert), ties broken by count: layer, expert, rank, token_id, token (the piece when ``pieces`` is
+    given), freq (occurrences of v), count (occurrences of v routed to e), share, lift."""
     counts = np.asarray(counts, np.float64)
     rows = []
     for layer in range(counts.shape[0]):
         c = counts[layer]  # [vocab, expert]
-        per_tok = c.sum(1)
-        base = c.sum(0) / max(c.sum(), 1)
-        ok = per_tok >= min_count * top_k
+        freq = c.sum(1) / top_k
+        base = c.sum(0) / max(freq.sum(), 1)
+        ok = freq >= min_count
         with np.errstate(invalid="ignore", divide="ignore"):
-            share = c / per_tok[:, None]
+            share = c / freq[:, None]
             lift = share / base[None]
         for e in range(c.shape[1]):
             cand = np.flatnonzero(ok & (c[:, e] > 0))
             order = cand[np.lexsort((-c[cand, e], -lift[cand, e]))][:k]
             for r, v in enumerate(order):
-                rows.append((layer, e, r, int(v), None if pieces is None else pieces[v], int(per_tok[v] // top_k),
+                rows.append((layer, e, r, int(v), None if pieces is None else pieces[v], int(round(freq[v])),
                              int(c[v, e]), float(share[v, e]), float(lift[v, e])))
     return pd.DataFrame(rows, columns=["layer", "expert", "rank", "token_id", "token", "freq", "count", "share",
                                        "lift"])
