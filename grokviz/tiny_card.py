@@ -226,9 +226,11 @@ def render(stats: dict, preds: list[dict], conf: dict, model) -> str:
         f"{tr.get('seed')}). Training time: **{secs / 60:.1f} minutes** of steps "
         f"({conf.get('wall_seconds', float('nan')) / 60:.1f} minutes wall clock including data encoding, "
         f"compilation, evaluation and checkpoints) on a 2-core CPU shared with other jobs (throughput varied "
-        f"between about 1,000 and 7,000 tokens/s). Re-running the command on the same machine gives the same "
-        f"weights bit for bit (batches depend only on seed and step; resume is exact); another CPU may differ in "
-        f"the last bits of floating point.",
+        f"between about 1,000 and 7,000 tokens/s). Batches depend only on seed and step and resume is exact, so "
+        f"re-running the command with the same code on the same machine gives the same weights bit for bit; the "
+        f"shipped weights were trained with the sort-based sparse experts of commit 720e9ad, and another expert "
+        f"implementation or CPU changes only the last bits of floating point (then the run matches to float "
+        f"tolerance, not bitwise).",
         "",
         "## Validation loss",
         "",

@@ -121,3 +121,15 @@ def test_presets_and_cli_parse():
     assert qtc.steps * qtc.batch_size * qtc.seq_len < tc.steps * tc.batch_size * tc.seq_len
     with pytest.raises(SystemExit):
         T.cli_main(["--preset", "nope"])
+
+
+def test_cli_quick_writes_a_loadable_model(tmp_path):
+    from grokviz.cli import main
+    from grokviz.tiny import load_tiny
+
+    out = tmp_path / "quick"
+    assert main(["train", "--preset", "quick", "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    for name in ("model.safetensors", "config.json", "tokenizer.model", "checkpoint.npz", "history.json"):
+        assert (out / name).is_file(), name
+    m = load_tiny(out)
+    assert m.cfg.name == "grok1-quick" and m.run("x = 1").logits.shape[-1] == 4096
