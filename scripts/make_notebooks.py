@@ -41,19 +41,6 @@ else:
 cfg = model.cfg
 model""")
 
-# Interim, until the trained tiny model's weights are committed: same config and tokenizer, random weights.
-INTERIM_FALLBACK = True
-_FALLBACK = """    try:
-        model = gv.load("tiny")
-    except (ImportError, FileNotFoundError):   # interim: the trained weights are not committed yet
-        import jax
-        from grokviz import train as _t
-        from grokviz.tokenizer import load_tokenizer
-        _c = _t.tiny_config()
-        model = gv.Model(_c, gv.init_params(_c, jax.random.key(0)), tokenizer=load_tokenizer(_t.TOKENIZER_PATH))"""
-if INTERIM_FALLBACK:
-    MODEL_CODE = code(MODEL_CODE.source.replace('    model = gv.load("tiny")', _FALLBACK))
-
 PROMPT = ("The router of a mixture-of-experts layer sends every token to two of its eight experts. "
           "Some experts specialise in punctuation, others in numbers like 1, 2 and 3, or in names.")
 
