@@ -67,8 +67,11 @@ def test_load_figures_mark_uniform_share():
     assert np.allclose(bars.data[0].y, share[1])
     assert [s.y0 for s in bars.layout.shapes] == [0.25]
     assert bars.layout.title.text == "Layer 1 expert load share"
-    co = F.coactivation_heatmap(np.eye(4) * 3, 2)
-    assert np.array_equal(np.asarray(co.data[0].z), np.eye(4) * 3)
+    counts = np.array([[4, 2, 0], [2, 2, 1], [0, 1, 0]])  # diagonal = load; expert 2 is never selected
+    co = F.coactivation_heatmap(counts, 2, k=2)
+    z = np.asarray(co.data[0].z, np.float64)
+    assert z[0, 1] == 0.5 and z[1, 0] == 1.0 and z[1, 2] == 0.5 and np.isnan(z[2]).all()
+    assert np.isnan(np.diag(z)).all() and co.layout.title.text == "Layer 2 co-activation P(j | i) (random: 0.500)"
     rates = F.consecutive_rates(np.arange(2), [0.3, 0.4], [0.5, 0.6], {"first_repeat": 0.125, "topk_overlap": 0.2})
     assert len(rates.data) == 2 and sorted(s.y0 for s in rates.layout.shapes) == [0.125, 0.2]
 

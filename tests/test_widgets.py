@@ -10,6 +10,7 @@ import grokviz as gv
 import grokviz.analysis
 from grokviz import viz
 from grokviz.analysis import routing as ra
+from grokviz.viz import figures as F
 from grokviz.api import forward_jit
 
 SEQ = 24
@@ -75,7 +76,7 @@ def test_expert_load_dashboard_layer_slider(model, run):
     w.layer_slider.value = 1
     assert w.bars_fig.layout.title.text == "Layer 1 expert load share"
     assert np.allclose(w.bars_fig.data[0].y, share[1])
-    assert np.allclose(np.asarray(w.coact_fig.data[0].z), co[1])
+    np.testing.assert_allclose(np.asarray(w.coact_fig.data[0].z, np.float64), F.coactivation_conditional(co[1]))
     assert [s.y0 for s in w.bars_fig.layout.shapes] == [0.125]          # uniform share marked
     rates = ra.consecutive_rates(experts, run.real)
     assert np.allclose(w.rates_fig.data[0].y, rates["first_repeat"])

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from ..api import bucket_length
 from . import attention as A
 from . import routing as R
 
@@ -76,13 +77,6 @@ def _encode(model, item) -> tuple[np.ndarray, object]:
     return ids, domain
 
 
-def _bucket(n: int, max_len: int) -> int:
-    b = 8
-    while b < n:
-        b *= 2
-    return min(b, max_len)
-
-
 def batches(model, data=None, *, batch_size: int = 8, max_len: int | None = None, progress: bool = True,
             desc: str | None = None, with_domains: bool = False, min_tokens: int = 2) -> Iterator:
     """Yield int32 token batches [batch_size, bucket] (right-padded), or ``(tokens, domains)`` with
@@ -108,7 +102,7 @@ def batches(model, data=None, *, batch_size: int = 8, max_len: int | None = None
 
 
 def _pack(rows, batch_size, max_len, pad, with_domains):
-    width = _bucket(max(len(r) for r, _ in rows), max_len)
+    width = bucket_length(max(len(r) for r, _ in rows), max_len)  # the buckets Model.run uses
     out = np.full((batch_size, width), pad, np.int32)
     for i, (r, _) in enumerate(rows):
         out[i, :len(r)] = r

@@ -143,16 +143,30 @@ def load_bars(share: np.ndarray, layer: int) -> go.Figure:
     return apply(fig, title=f"Layer {layer} expert load share", height=300)
 
 
-def coactivation_heatmap(co: np.ndarray, layer: int) -> go.Figure:
-    """[expert, expert] co-activation counts (how often two experts are selected for the same token)."""
+def coactivation_conditional(co: np.ndarray) -> np.ndarray:
+    """P(j selected | i selected) = C[i, j] / C[i, i] from co-activation counts (diagonal = load); NaN on the
+    diagonal and for unused experts."""
     co = np.asarray(co, np.float64)
-    E = co.shape[0]
-    fig = go.Figure(go.Heatmap(z=co, x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL, xgap=1, ygap=1,
-                               text=np.round(co, 2), texttemplate="%{text}",
-                               hovertemplate="experts %{y} & %{x}: %{z}<extra></extra>"))
-    fig.update_xaxes(title=axis_title("expert"), tickvals=list(range(E)))
-    fig.update_yaxes(title=axis_title("expert"), tickvals=list(range(E)), autorange="reversed")
-    return apply(fig, title=f"Layer {layer} expert co-activation", height=340)
+    diag = np.diag(co).copy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cond = np.where(diag[:, None] > 0, co / np.where(diag > 0, diag, 1)[:, None], np.nan)
+    np.fill_diagonal(cond, np.nan)
+    return cond
+
+
+def coactivation_heatmap(co: np.ndarray, layer: int, k: int | None = None) -> go.Figure:
+    """Expert co-activation as P(expert j also selected | expert i selected), from [expert, expert] counts whose
+    diagonal is each expert's load (grokviz.analysis.routing.coactivation). Uniform random top-k routing gives
+    (k - 1) / (E - 1) everywhere off the diagonal."""
+    cond = coactivation_conditional(co)
+    E = cond.shape[0]
+    fig = go.Figure(go.Heatmap(z=cond, x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL, xgap=1, ygap=1,
+                               text=np.round(cond, 2), texttemplate="%{text}",
+                               hovertemplate="P(expert %{x} | expert %{y}) = %{z:.3f}<extra></extra>"))
+    fig.update_xaxes(title="also selected: expert j", tickvals=list(range(E)))
+    fig.update_yaxes(title="selected: expert i", tickvals=list(range(E)), autorange="reversed")
+    base = f" (random: {(k - 1) / (E - 1):.3f})" if k else ""
+    return apply(fig, title=f"Layer {layer} co-activation P(j | i){base}", height=340)
 
 
 def consecutive_rates(layers: np.ndarray, first_repeat: np.ndarray, topk_overlap: np.ndarray,

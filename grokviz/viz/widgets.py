@@ -188,7 +188,7 @@ class ExpertLoadDashboard(_View):
     def _draw(self) -> None:
         l = self.state.layer
         sync(self.bars_fig, F.load_bars(self.share[l], l))
-        sync(self.coact_fig, F.coactivation_heatmap(self.coact[l], l))
+        sync(self.coact_fig, F.coactivation_heatmap(self.coact[l], l, self.cfg.top_k))
 
 
 # -------------------------------------------------------------------------------------------- attention --
