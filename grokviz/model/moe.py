@@ -2,9 +2,9 @@
 expert implementations with the same contract:
 
 * ``experts_dense``: every expert on every token, then select — the reference's way, obviously correct;
-* ``experts_sparse``: only the selected (token, slot) pairs are computed. Slots are sorted by expert into
-  fixed-size blocks (each block holds one expert's slots; each expert's segment is padded to a whole number
-  of blocks), run as one batched matmul, and scattered back. All shapes are static, so it jits once.
+* ``experts_sparse``: only the selected (token, slot) pairs are computed: up to a capacity per expert in one
+  batched matmul against the stored weights, the excess in one-expert blocks by a loop over the blocks in
+  use. All shapes are static, so it jits once.
 
 Both return per-slot outputs ``[batch, seq, k, d_model]``; the gate-weighted combine is shared.
 """
@@ -64,48 +64,74 @@ def experts_dense(p, x, experts):
     return jnp.take_along_axis(y_all, experts[..., None], axis=2)
 
 
+def sparse_capacity(num_tokens: int, num_slots: int, num_experts: int) -> int:
+    """Rows per expert in the batched main pass: the mean slots per expert rounded up to a multiple of 8
+    (at most ``num_tokens``, the most one expert can get without duplicate picks)."""
+    mean = -(-num_slots // num_experts)
+    return max(1, min(-(-mean // 8) * 8, num_tokens))
+
+
 def sparse_block_size(num_slots: int, num_experts: int) -> int:
-    """Rows per block: about the mean slots per expert, a power of two in [8, 128]."""
-    target = max(1, num_slots // num_experts)
+    """Rows per overflow block: about a quarter of the mean slots per expert, a power of two in [8, 64]."""
+    target = max(1, num_slots // (4 * num_experts))
     b = 8
-    while b < target and b < 128:
+    while b < target and b < 64:
         b *= 2
     return b
 
 
 def experts_sparse(p, x, experts, block: int | None = None):
-    """Only the selected experts' work: sort slots by expert into one-expert blocks. -> [b,t,k,d]."""
+    """Only the selected experts' work, exactly, with static shapes. -> [b,t,k,d].
+
+    Each slot's rank among the slots of its expert comes from a cumulative count (no sort). Slots of rank
+    below the capacity ``C`` (:func:`sparse_capacity`, ~ the balanced load) go to an ``[expert, C, d]`` buffer
+    that runs as one batched matmul against the expert weights as stored (no per-block weight gather). The
+    rest (an expert's load above ``C``) go, in one-expert blocks of ``block`` rows, to a loop that runs only
+    over the blocks in use (none when the routing is balanced enough). The result equals ``experts_dense``
+    for any routing, including duplicate or all-on-one-expert picks.
+    """
     dt = x.dtype
     bsz, t, d = x.shape
     k = experts.shape[-1]
     n_exp = p["w_gate"].shape[0]
-    n_slots = bsz * t * k
+    n_tok = bsz * t
+    n_slots = n_tok * k
+    cap = sparse_capacity(n_tok, n_slots, n_exp)
     block = block or sparse_block_size(n_slots, n_exp)
-    n_blocks = -(-(n_slots + n_exp * (block - 1)) // block)  # static upper bound on blocks needed
+    n_over = -(-(max(n_slots - cap, 0) + n_exp * (block - 1)) // block)  # static bound on overflow blocks
 
-    flat_e = experts.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)                    # slot ids sorted by expert
-    sorted_e = flat_e[order]
-    counts = jnp.bincount(flat_e, length=n_exp)
-    padded = ((counts + block - 1) // block) * block
-    pad_start = jnp.cumsum(padded) - padded                    # where each expert's segment starts
-    start = jnp.cumsum(counts) - counts
-    dest = pad_start[sorted_e] + (jnp.arange(n_slots) - start[sorted_e])  # buffer row of each sorted slot
+    flat_e = experts.reshape(-1).astype(jnp.int32)
+    one_hot = (flat_e[:, None] == jnp.arange(n_exp, dtype=jnp.int32)).astype(jnp.int32)  # [slots, e]
+    rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)  # position among its expert's slots
+    counts = jnp.sum(one_hot, axis=0)
+    token = jnp.arange(n_slots, dtype=jnp.int32) // k
+    in_cap = rank < cap
+    x_flat = jnp.concatenate([x.reshape(n_tok, d), jnp.zeros((1, d), dt)])  # row n_tok: zeros for padding
+    w_gate, w_up, w_down = (dense(p[n], dt) for n in ("w_gate", "w_up", "w_down"))
 
-    token_of_slot = order // k
-    rows = jnp.full((n_blocks * block,), bsz * t, jnp.int32).at[dest].set(token_of_slot.astype(jnp.int32))
-    x_flat = jnp.concatenate([x.reshape(-1, d), jnp.zeros((1, d), dt)])  # last row: zeros for padding
-    xb = x_flat[rows].reshape(n_blocks, block, d)
-    block_start = jnp.arange(n_blocks) * block
-    block_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"), 0, n_exp - 1)
+    # main pass: [expert, C] rows, one batched matmul per projection
+    main_row = jnp.where(in_cap, flat_e * cap + rank, n_exp * cap)  # overflow slots write a spare row
+    rows = jnp.full((n_exp * cap + 1,), n_tok, jnp.int32).at[main_row].set(token)[:-1]
+    y_main = _ffn(x_flat[rows].reshape(n_exp, cap, d), w_gate, w_up, w_down).reshape(n_exp * cap, d)
 
-    w_gate = dense(p["w_gate"], dt)[block_expert]
-    w_up = dense(p["w_up"], dt)[block_expert]
-    w_down = dense(p["w_down"], dt)[block_expert]
-    yb = _ffn(xb, w_gate, w_up, w_down).reshape(n_blocks * block, d)
+    # overflow: each expert's slots of rank >= C, padded to whole blocks; loop over the used blocks only
+    over = jnp.maximum(counts - cap, 0)
+    padded = ((over + block - 1) // block) * block
+    ends = jnp.cumsum(padded)
+    over_row = jnp.where(in_cap, n_over * block, (ends - padded)[flat_e] + rank - cap)
+    o_rows = jnp.full((n_over * block + 1,), n_tok, jnp.int32).at[over_row].set(token)[:-1]
+    block_expert = jnp.clip(jnp.searchsorted(ends, jnp.arange(n_over) * block, side="right"), 0, n_exp - 1)
 
-    slot_row = jnp.zeros((n_slots,), jnp.int32).at[order].set(dest.astype(jnp.int32))
-    return yb[slot_row].reshape(bsz, t, k, d)
+    def one_block(i, y):
+        e = block_expert[i]
+        xi = x_flat[jax.lax.dynamic_slice_in_dim(o_rows, i * block, block)]
+        yi = _ffn(xi[None], w_gate[e][None], w_up[e][None], w_down[e][None])[0]
+        return jax.lax.dynamic_update_slice_in_dim(y, yi, i * block, 0)
+
+    y_over = jax.lax.fori_loop(0, ends[-1] // block, one_block, jnp.zeros((n_over * block, d), dt))
+
+    src = jnp.where(in_cap, main_row, n_exp * cap + over_row)
+    return jnp.concatenate([y_main, y_over])[src].reshape(bsz, t, k, d)
 
 
 def combine(gates, expert_out, iv_scale=None, experts=None):
