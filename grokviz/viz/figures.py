@@ -82,7 +82,7 @@ def routing_grid(tokens: Sequence[str], first: np.ndarray, first_gate: np.ndarra
         fig.add_vrect(x0=selected - 0.5, x1=selected + 0.5, line=dict(color="black", width=2))
     fig.update_xaxes(title=axis_title("seq"), **_ticks(tokens))
     fig.update_yaxes(title=axis_title("layer"))
-    return apply(fig, title="First-choice expert per token and layer", height=max(250, 120 + 22 * L))
+    return apply(fig, title="First-choice expert per token and layer", height=max(320, 200 + 22 * L))
 
 
 def router_probs_by_layer(probs: np.ndarray, experts: np.ndarray, gates: np.ndarray, token: str,
@@ -161,7 +161,8 @@ def coactivation_heatmap(co: np.ndarray, layer: int, k: int | None = None) -> go
     cond = coactivation_conditional(co)
     E = cond.shape[0]
     fig = go.Figure(go.Heatmap(z=cond, x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL, xgap=1, ygap=1,
-                               text=np.round(cond, 2), texttemplate="%{text}",
+                               text=np.where(np.isnan(cond), "", np.char.mod("%.2f", np.nan_to_num(cond))),
+                               texttemplate="%{text}",
                                hovertemplate="P(expert %{x} | expert %{y}) = %{z:.3f}<extra></extra>"))
     fig.update_xaxes(title="also selected: expert j", tickvals=list(range(E)))
     fig.update_yaxes(title="selected: expert i", tickvals=list(range(E)), autorange="reversed")
@@ -182,7 +183,8 @@ def consecutive_rates(layers: np.ndarray, first_repeat: np.ndarray, topk_overlap
                           annotation_text=f"random {key.replace('_', ' ')}", annotation_position="top left")
     fig.update_xaxes(title=axis_title("layer"))
     fig.update_yaxes(title="rate over consecutive token pairs", rangemode="tozero")
-    return apply(fig, title="Consecutive-token routing vs random baseline", height=320)
+    fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0))
+    return apply(fig, title="Consecutive-token routing vs random baseline", height=340)
 
 
 def routing_sankey(flows: Sequence[np.ndarray], first_layer: int = 0, min_count: float = 0) -> go.Figure:
