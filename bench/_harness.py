@@ -223,11 +223,13 @@ def gemm_ref_fn(lib: str = "jax", n: int = 2048) -> Callable[[], object]:
 # --------------------------------------------------------------------------- timing
 def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps: int = 9,
                       max_foreign: float = 0.2, max_rounds: int | None = None,
-                      verbose: bool = False) -> tuple[dict[str, list[float]], dict]:
+                      verbose: bool = False, pause_s: float = 0.0) -> tuple[dict[str, list[float]], dict]:
     """Time each callable (ms), all interleaved in a fresh random order each round. Returns (times, meta).
 
     Rounds with foreign load > ``max_foreign`` are dropped and re-run (up to ``max_rounds``, default 3*reps);
     if the machine never quiets down the least-contended dropped rounds fill the gap (meta says so).
+    ``pause_s``: sleep before each call, outside the timed region (lets another library's spinning thread
+    pool go idle when two libraries are timed in one process).
     """
     names = list(fns)
     rng = np.random.default_rng(SEED)
@@ -241,6 +243,8 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, rep
         rt = {}
         for n in order:
             gc.collect()
+            if pause_s:
+                time.sleep(pause_s)
             t0 = time.perf_counter()
             fns[n]()
             rt[n] = (time.perf_counter() - t0) * 1e3
