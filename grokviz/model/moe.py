@@ -120,7 +120,8 @@ def experts_sparse(p, x, experts, block: int | None = None):
     ends = jnp.cumsum(padded)
     over_row = jnp.where(in_cap, n_over * block, (ends - padded)[flat_e] + rank - cap)
     o_rows = jnp.full((n_over * block + 1,), n_tok, jnp.int32).at[over_row].set(token)[:-1]
-    block_expert = jnp.clip(jnp.searchsorted(ends, jnp.arange(n_over) * block, side="right"), 0, n_exp - 1)
+    block_start = jnp.arange(n_over, dtype=jnp.int32) * block
+    block_expert = jnp.minimum(jnp.sum(ends[None, :] <= block_start[:, None], axis=1), n_exp - 1)  # no search loop
 
     def one_block(i, y):
         e = block_expert[i]
