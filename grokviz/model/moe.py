@@ -86,9 +86,10 @@ def experts_sparse(p, x, experts, block: int | None = None):
     Each slot's rank among the slots of its expert comes from a cumulative count (no sort). Slots of rank
     below the capacity ``C`` (:func:`sparse_capacity`, ~ the balanced load) go to an ``[expert, C, d]`` buffer
     that runs as one batched matmul against the expert weights as stored (no per-block weight gather). The
-    rest (an expert's load above ``C``) go, in one-expert blocks of ``block`` rows, to a loop that runs only
-    over the blocks in use (none when the routing is balanced enough). The result equals ``experts_dense``
-    for any routing, including duplicate or all-on-one-expert picks.
+    rest (an expert's load above ``C``) go, in one-expert blocks of ``block`` rows, to a loop whose blocks
+    past the ones in use are skipped (all of them when the routing is balanced enough); the static trip count
+    keeps it reverse-mode differentiable. The result equals ``experts_dense`` for any routing, including
+    duplicate or all-on-one-expert picks.
     """
     dt = x.dtype
     bsz, t, d = x.shape
@@ -123,13 +124,19 @@ def experts_sparse(p, x, experts, block: int | None = None):
     block_start = jnp.arange(n_over, dtype=jnp.int32) * block
     block_expert = jnp.minimum(jnp.sum(ends[None, :] <= block_start[:, None], axis=1), n_exp - 1)  # no search loop
 
-    def one_block(i, y):
-        e = block_expert[i]
-        xi = x_flat[jax.lax.dynamic_slice_in_dim(o_rows, i * block, block)]
-        yi = _ffn(xi[None], w_gate[e][None], w_up[e][None], w_down[e][None])[0]
-        return jax.lax.dynamic_update_slice_in_dim(y, yi, i * block, 0)
+    n_used = ends[-1] // block
 
-    y_over = jax.lax.fori_loop(0, ends[-1] // block, one_block, jnp.zeros((n_over * block, d), dt))
+    def one_block(i, y):
+        def run(y):
+            e = block_expert[i]
+            xi = x_flat[jax.lax.dynamic_slice_in_dim(o_rows, i * block, block)]
+            yi = _ffn(xi[None], w_gate[e][None], w_up[e][None], w_down[e][None])[0]
+            return jax.lax.dynamic_update_slice_in_dim(y, yi, i * block, 0)
+
+        return jax.lax.cond(i < n_used, run, lambda y: y, y)
+
+    # static trip count (reverse-mode differentiable); blocks past the used ones are skipped by the cond
+    y_over = jax.lax.fori_loop(0, n_over, one_block, jnp.zeros((n_over * block, d), dt))
 
     src = jnp.where(in_cap, main_row, n_exp * cap + over_row)
     return jnp.concatenate([y_main, y_over])[src].reshape(bsz, t, k, d)
