@@ -56,10 +56,80 @@ def _reductions(pattern, point, spec):
         point("attn.top_key_weights", weights)
 
 
+CHUNK = 256        # query rows per chunk in the chunked path
+CHUNK_MIN_SEQ = 1024  # sequences at least this long use it (when no full attention map is asked for)
+MAPS = ("attn.logits", "attn.scores", "attn.pattern")
+REDUCED = ("attn.entropy", "attn.pattern_at", "attn.top_keys", "attn.top_key_weights")
+
+
+def _probs(qg, k, allowed, fill, cfg):
+    """Scaled, soft-capped, masked, softmaxed attention for queries qg [b kv g t d] and keys k [b s kv d]."""
+    logits = jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
+    scores = softcap(logits, cfg.attn_softcap)
+    return logits, scores, jax.nn.softmax(jnp.where(allowed[:, :, None], scores, fill), axis=-1)
+
+
+def attention_maps(p, x, mask, cfg) -> dict:
+    """The full attention maps of one layer from its input x = attn.pre_norm: {'logits', 'scores', 'pattern'},
+    each [batch, head, seq, kv_seq] — the same computation as inside :func:`attention` (used to give maps of
+    selected layers without keeping maps for every layer)."""
+    dt = x.dtype
+    positions = jnp.arange(x.shape[1])
+    q = rope(rearrange(x @ dense(p["w_q"], dt), "b t (h d) -> b t h d", d=cfg.head_dim), positions, cfg.rope_base)
+    k = rope(rearrange(x @ dense(p["w_k"], dt), "b t (h d) -> b t h d", d=cfg.head_dim), positions, cfg.rope_base)
+    qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
+    out = _probs(qg, k, *mask, cfg)
+    return {n: rearrange(a, "b kv g t s -> b (kv g) t s") for n, a in zip(("logits", "scores", "pattern"), out)}
+
+
+def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
+    """Causal attention in query chunks: chunk i only reads keys [0, end_i), so memory is ~ chunk x seq and the
+    score work about halves. Rows with no allowed key (left padding) are uniform over all valid keys in the
+    reference; they are set to exactly that (mean of v over the valid keys). Reduced summaries per chunk."""
+    allowed, fill = mask
+    b, kvh, g, t, _ = qg.shape
+    fill = jnp.broadcast_to(fill, (t,))
+    n_valid = jnp.sum(fill == MASK_VALUE).astype(jnp.float32)  # keys that are not bucket padding
+    empty = ~jnp.any(allowed[:, 0], axis=-1)                      # [b, t]: query with no allowed key
+    v_mean = jnp.sum(jnp.where((fill == MASK_VALUE)[None, :, None, None], v, 0), axis=1) / n_valid.astype(dt)
+    want = {n for n in REDUCED if point.wants(n)}
+    outs, ents, keys, kw = [], [], [], []
+    for start in range(0, t, CHUNK):
+        end = min(start + CHUNK, t)
+        _, _, pat = _probs(qg[:, :, :, start:end], k[:, :end], allowed[:, :, start:end, :end], fill[:end], cfg)
+        outs.append(jnp.einsum("bhgts,bshd->bthgd", pat.astype(dt), v[:, :end]))
+        flat = rearrange(pat, "b kv g t s -> b (kv g) t s")
+        if "attn.entropy" in want:
+            ents.append(-jnp.sum(jnp.where(flat > 0, flat * jnp.log(flat), 0.0), axis=-1))
+        if "attn.top_keys" in want or "attn.top_key_weights" in want:
+            w, i = jax.lax.top_k(flat, spec.top_keys)
+            kw.append(w)
+            keys.append(i.astype(jnp.int32))
+    o = jnp.concatenate(outs, axis=1)  # [b t kv g d]
+    empty_o = empty[:, :, None, None, None]
+    o = jnp.where(empty_o, v_mean[:, None, :, None, :].astype(dt), o)
+    e_rows = empty[:, None, :]  # [b, 1(head), t]
+    if "attn.entropy" in want:
+        point("attn.entropy", jnp.where(e_rows, jnp.log(n_valid), jnp.concatenate(ents, axis=2)))
+    if keys:
+        point("attn.top_keys", jnp.concatenate(keys, axis=2))
+        point("attn.top_key_weights", jnp.where(e_rows[..., None], 1.0 / n_valid, jnp.concatenate(kw, axis=2)))
+    if "attn.pattern_at" in want:  # only the chosen query rows, over all keys
+        rows = jnp.asarray(spec.queries)
+        _, _, pat = _probs(qg[:, :, :, rows], k, allowed[:, :, rows], fill, cfg)
+        point("attn.pattern_at", rearrange(pat, "b kv g t s -> b (kv g) t s"))
+    return o
+
+
+def use_chunked(point, t) -> bool:
+    return t >= CHUNK_MIN_SEQ and not any(point.wants(n) or point.patched(n) for n in MAPS)
+
+
 def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     """x: [batch, seq, d_model] (already pre-normed) -> [batch, seq, d_model]; ``point`` names activations."""
     dt = x.dtype
     t = x.shape[1]
+    spec = spec or AttentionSpec()
     positions = jnp.arange(t)
     q = rearrange(x @ dense(p["w_q"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
     k = rearrange(x @ dense(p["w_k"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
@@ -69,23 +139,21 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     v = point("attn.v", v)
     # query head j = kv_head * G + g uses kv head j // G (contiguous groups)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
-    logits = jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
-    if point.wants("attn.logits"):
-        point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
-    scores = softcap(logits, cfg.attn_softcap)
-    if point.wants("attn.scores"):
-        point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
-    allowed, fill = mask
-    scores = jnp.where(allowed[:, :, None], scores, fill)
-    pattern = jax.nn.softmax(scores, axis=-1)
-    reduce = any(point.wants(n) for n in ("attn.entropy", "attn.pattern_at", "attn.top_keys",
-                                          "attn.top_key_weights"))
-    if point.wants("attn.pattern") or point.patched("attn.pattern") or reduce:
-        flat = point("attn.pattern", rearrange(pattern, "b kv g t s -> b (kv g) t s"))
-        pattern = rearrange(flat, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
-        if reduce:
-            _reductions(flat, point, spec or AttentionSpec())
-    o = jnp.einsum("bhgts,bshd->bthgd", pattern.astype(dt), v)
+    if use_chunked(point, t) and spec.top_keys <= CHUNK:
+        o = _attend_chunked(qg, k, v, mask, cfg, point, spec, dt)
+    else:
+        logits, scores, pattern = _probs(qg, k, *mask, cfg)
+        if point.wants("attn.logits"):
+            point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
+        if point.wants("attn.scores"):
+            point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
+        reduce = any(point.wants(n) for n in REDUCED)
+        if point.wants("attn.pattern") or point.patched("attn.pattern") or reduce:
+            flat = point("attn.pattern", rearrange(pattern, "b kv g t s -> b (kv g) t s"))
+            pattern = rearrange(flat, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
+            if reduce:
+                _reductions(flat, point, spec)
+        o = jnp.einsum("bhgts,bshd->bthgd", pattern.astype(dt), v)
     o = rearrange(o, "b t kv g d -> b t (kv g) d")
     if head_scale is not None:
         o = o * head_scale[:, None].astype(dt)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..hooks import ATTENTION_MAPS, REGISTRY, AttentionSpec, Point
 from ..params import dense
-from .attention import attention_mask
+from .attention import attention_mask, attention_maps
 from .block import EXPERT_IMPLS, block
 from .layers import rms_norm
 
@@ -62,22 +62,32 @@ def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, exp
     emb = dense(params["embed"], jnp.float32)
     h = top("embed.out", emb[tokens] * cfg.embedding_multiplier)
 
+    # Attention maps wanted for some layers only. Normally the layer's attention input is kept for those
+    # layers and the maps are recomputed from it after the scan (the same computation), so no layer ever holds
+    # a full map it does not return; with patches or callbacks on q/k/maps they are kept from inside the scan.
     kept = _selected_maps(capture, attn_spec, cfg)
-    slot_of_layer = np.full(cfg.num_layers, len(next(iter(kept.values()), ())), np.int32)
-    for i, l in enumerate(next(iter(kept.values()), ())):
+    sel = next(iter(kept.values()), ())
+    interfering = {"blocks.attn.q", "blocks.attn.k", *ATTENTION_MAPS}
+    recompute = bool(kept) and not any(n in block_patches or n in callbacks for n in interfering)
+    body_capture, buffered = capture, dict(kept)
+    if recompute:
+        body_capture = (capture - set(kept)) | {"blocks.attn.pre_norm"}
+        buffered = {"blocks.attn.pre_norm": sel}
+    slot_of_layer = np.full(cfg.num_layers, len(sel), np.int32)
+    for i, l in enumerate(sel):
         slot_of_layer[l] = i  # other layers write into a spare slot that is dropped at the end
     slot_of_layer = jnp.asarray(slot_of_layer)
 
     def body(carry, xs):
         h, bufs = carry
         p, iv, pt, layer = xs
-        point = Point(capture, prefix="blocks.", patches=pt, callbacks=callbacks, layer=layer)
+        point = Point(body_capture, prefix="blocks.", patches=pt, callbacks=callbacks, layer=layer)
         h, caps = block(p, h, real, mask, cfg, point, iv, expert_impl, attn_spec)
         caps = {k: _select_heads(k, v, attn_spec) for k, v in caps.items()}
         new_bufs = {}
-        for name in kept:
-            value = caps.pop(name)
-            buf = bufs[name] if name in bufs else jnp.zeros((len(kept[name]) + 1,) + value.shape, value.dtype)
+        for name in buffered:
+            value = caps[name] if (recompute and name in capture) else caps.pop(name)
+            buf = bufs[name] if name in bufs else jnp.zeros((len(sel) + 1,) + value.shape, value.dtype)
             new_bufs[name] = jax.lax.dynamic_update_index_in_dim(buf, value, slot_of_layer[layer], 0)
         return (h, new_bufs), caps
 
@@ -96,7 +106,14 @@ def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, exp
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer) if per_layer[0] else {}
     else:
         (h, bufs), stacked = jax.lax.scan(body, (h, bufs), xs)
-    stacked.update({k: v[:-1] for k, v in bufs.items()})
+    if recompute:
+        inputs = bufs["blocks.attn.pre_norm"]
+        maps = [attention_maps(jax.tree_util.tree_map(lambda a, l=l: a[l], params["blocks"]), inputs[i], mask, cfg)
+                for i, l in enumerate(sel)]
+        for name in kept:
+            stacked[name] = jnp.stack([_select_heads(name, m[name.rsplit(".", 1)[1]], attn_spec) for m in maps])
+    else:
+        stacked.update({k: v[:-1] for k, v in bufs.items()})
 
     hf = top("final_norm.out", rms_norm(h, params["final_norm"], cfg.rms_eps))
     logits = jnp.einsum("btd,vd->btv", hf, emb.astype(hf.dtype)) * cfg.output_multiplier
