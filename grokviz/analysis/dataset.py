@@ -159,17 +159,7 @@ class RoutingStats:
 
     def paths(self) -> pd.DataFrame:
         """Tidy first-choice flows between adjacent layers (see :func:`routing.routing_paths`)."""
-        frames = []
-        e = self.num_experts
-        for layer, flow in enumerate(self.flow.astype(np.float64)):
-            n = flow.sum()
-            expect = flow.sum(1, keepdims=True) * flow.sum(0, keepdims=True) / max(n, 1)
-            src, dst = np.meshgrid(np.arange(e), np.arange(e), indexing="ij")
-            with np.errstate(invalid="ignore", divide="ignore"):
-                frames.append(pd.DataFrame({"layer": layer, "src_expert": src.ravel(), "dst_expert": dst.ravel(),
-                                            "count": flow.ravel().astype(np.int64), "share": (flow / n).ravel(),
-                                            "lift": (flow / expect).ravel()}))
-        return pd.concat(frames, ignore_index=True)
+        return R.paths_frame(self.flow)
 
     def _groups(self, by):
         if by == "class":

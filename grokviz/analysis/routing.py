@@ -235,16 +235,11 @@ def routing_flow(experts, real, layer: int, num_experts: int | None = None) -> n
     return np.bincount(a * e + b, minlength=e * e)[: e * e].reshape(e, e).astype(np.int64)
 
 
-def routing_paths(experts, real, num_experts: int | None = None) -> pd.DataFrame:
-    """Tidy table of first-choice flows between every pair of adjacent layers.
-
-    Columns: layer (source), src_expert, dst_expert, count, share (of the layer's tokens), lift (count over the
-    independence expectation ``row_total * col_total / n``; 1 means no path preference)."""
-    experts = _layered(experts, 1)
-    e = int(experts.max()) + 1 if num_experts is None else num_experts
+def paths_frame(flows) -> pd.DataFrame:
+    """Tidy table from first-choice flow matrices [layer, src_expert, dst_expert] (see :func:`routing_paths`)."""
     frames = []
-    for layer in range(experts.shape[0] - 1):
-        flow = routing_flow(experts, real, layer, e).astype(np.float64)
+    for layer, flow in enumerate(np.asarray(flows, np.float64)):
+        e = flow.shape[0]
         n = flow.sum()
         expect = flow.sum(1, keepdims=True) * flow.sum(0, keepdims=True) / max(n, 1)
         src, dst = np.meshgrid(np.arange(e), np.arange(e), indexing="ij")
@@ -254,6 +249,16 @@ def routing_paths(experts, real, num_experts: int | None = None) -> pd.DataFrame
                                         "lift": (flow / expect).ravel()}))
     cols = ["layer", "src_expert", "dst_expert", "count", "share", "lift"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def routing_paths(experts, real, num_experts: int | None = None) -> pd.DataFrame:
+    """Tidy table of first-choice flows between every pair of adjacent layers.
+
+    Columns: layer (source), src_expert, dst_expert, count, share (of the layer's tokens), lift (count over the
+    independence expectation ``row_total * col_total / n``; 1 means no path preference)."""
+    experts = _layered(experts, 1)
+    e = int(experts.max()) + 1 if num_experts is None else num_experts
+    return paths_frame([routing_flow(experts, real, layer, e) for layer in range(experts.shape[0] - 1)])
 
 
 # ----------------------------------------------------------------------------------------------- summary
