@@ -319,6 +319,23 @@ l, e = np.unravel_index(np.argmax(delta), delta.shape)
 print(f"most harmful removal: layer {l} expert {e}")
 print(f"  remove (reroute): \u0394loss = {loss_with(none.remove_expert(l, e)) - base:+.4f}")
 print(f"  zero output     : \u0394loss = {loss_with(none.zero_expert(l, e)) - base:+.4f}")"""),
+    md("## A dataset sweep: every expert over held-out text\n"
+       "`grokviz.analysis.patching.ablation_sweep` runs all (layer, expert) ablations over many texts at once: "
+       "it runs the layers before the ablated one once, and batches the ablations with `vmap`. The result is a "
+       "tidy table (Δloss and KL to the baseline, in nats)."),
+    code("""
+from grokviz.analysis import patching
+from grokviz.analysis.dataset import default_dataset
+
+docs = default_dataset("validation")[::40]          # a slice of the bundled corpus's held-out split
+table = patching.ablation_sweep(model, docs, kind="expert", mode="zero", batch_size=8)
+table.sort_values("delta_loss", ascending=False).head(8)"""),
+    code("""
+grid = table.pivot(index="layer", columns="expert", values="delta_loss")
+go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Reds",
+                     colorbar=dict(title="Δ loss"))).update_layout(
+    title=f"Zeroing one expert: Δ loss over {len(docs)} held-out documents", xaxis_title="expert",
+    yaxis_title="layer", template="grokviz", height=320)"""),
 ]
 
 ATTENTION = [

@@ -29,26 +29,10 @@ __all__ = ["default_dataset", "batches", "routing_stats", "attention_stats", "Ro
 
 
 def default_dataset(split: str = "validation") -> list[dict]:
-    """The bundled corpus's documents of ``split`` (dicts with ``text`` and ``domain``).
+    """The bundled corpus's documents of ``split`` (dicts with ``text`` and ``domain``; see grokviz/corpus)."""
+    from ..corpus.build import load
 
-    Looks for a loader in ``grokviz.corpus`` (``load``/``load_split``/``validation``) then
-    ``grokviz.corpus.build.load``; raises a clear error when the corpus is not available."""
-    import importlib
-
-    for mod_name in ("grokviz.corpus", "grokviz.corpus.build", "grokviz.tiny"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        for fn_name in ("load_split", "load"):
-            fn = getattr(mod, fn_name, None)
-            if callable(fn):
-                try:
-                    docs = fn(split=split)
-                except TypeError:
-                    continue
-                return list(docs)
-    raise FileNotFoundError("no bundled corpus found (grokviz.corpus); pass data= explicitly")
+    return load(split=split)
 
 
 def _items(data) -> Iterable:
