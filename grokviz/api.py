@@ -189,22 +189,18 @@ class Model:
         cache = ActivationCache(values, cache_layout(capture, cfg, attention))
         return Run(tokens=tokens, logits=logits, cache=cache, model=self)
 
+    def run_many(self, tokens_or_text, interventions, *, capture=None, expert_impl="sparse"):
+        """Many interventions in one vmapped call. ``interventions``: a list, or an already stacked
+        Interventions (leading axis = variant). Returns (logits [variant, batch, seq, vocab], cache dict of
+        [variant, ...] arrays)."""
+        from .interventions import stack
 
-def _run_many(self, tokens_or_text, interventions, *, capture=None, expert_impl="sparse"):
-    """Many interventions in one vmapped call. ``interventions``: a list, or an already stacked
-    Interventions (leading axis = variant). Returns (logits [variant, batch, seq, vocab], cache dict of
-    [variant, ...] arrays)."""
-    from .interventions import stack
-
-    tokens = self.to_tokens(tokens_or_text)
-    stacked = stack(list(interventions)) if isinstance(interventions, (list, tuple)) else interventions
-    check_interventions(jax.tree_util.tree_map(lambda a: a[0], stacked), self.cfg, tokens.shape)
-    out = forward_many_jit(self.params, jnp.asarray(tokens), stacked, cfg=self.cfg, capture=select(capture),
-                           expert_impl=expert_impl)
-    return out.logits, ActivationCache(out.cache)
-
-
-Model.run_many = _run_many
+        tokens = self.to_tokens(tokens_or_text)
+        stacked = stack(list(interventions)) if isinstance(interventions, (list, tuple)) else interventions
+        check_interventions(jax.tree_util.tree_map(lambda a: a[0], stacked), self.cfg, tokens.shape)
+        out = forward_many_jit(self.params, jnp.asarray(tokens), stacked, cfg=self.cfg, capture=select(capture),
+                               expert_impl=expert_impl)
+        return out.logits, ActivationCache(out.cache)
 
 
 def check_attention_spec(spec: AttentionSpec, cfg: GrokConfig, seq: int) -> None:
