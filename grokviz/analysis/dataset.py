@@ -70,7 +70,7 @@ def batches(model, data=None, *, batch_size: int = 8, max_len: int | None = None
     max_len = max_len or model.cfg.sequence_len
     items = _items(data)
     total = len(items) if hasattr(items, "__len__") else None
-    bar = tqdm(items, total=total, desc=desc or "documents", disable=not progress, leave=False)
+    bar = tqdm(items, total=total, desc=desc or "documents", disable=not progress, leave=True)
     rows: list = []
     for item in bar:
         ids, domain = _encode(model, item)
