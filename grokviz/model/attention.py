@@ -44,16 +44,23 @@ def _rope_point(point, name, x, positions, base):
     return rope(x, positions, base)
 
 
+def _row_summaries(flat, want, top_keys) -> dict:
+    """Per-query summaries of a pattern [b, head, t, s] for the reduced hooks in ``want`` (memory ~ b*head*t)."""
+    out = {}
+    if "attn.entropy" in want:
+        out["attn.entropy"] = -jnp.sum(jnp.where(flat > 0, flat * jnp.log(flat), 0.0), axis=-1)
+    if "attn.top_keys" in want or "attn.top_key_weights" in want:
+        weights, keys = jax.lax.top_k(flat, min(top_keys, flat.shape[-1]))
+        out["attn.top_keys"], out["attn.top_key_weights"] = keys.astype(jnp.int32), weights
+    return out
+
+
 def _reductions(pattern, point, spec):
-    """Reduced summaries of the pattern [b, head, t, s], computed on the fly (memory ~ b*head*t)."""
-    if point.wants("attn.entropy"):
-        point("attn.entropy", -jnp.sum(jnp.where(pattern > 0, pattern * jnp.log(pattern), 0.0), axis=-1))
+    """Reduced summaries of the full pattern [b, head, t, s], computed on the fly."""
+    for name, value in _row_summaries(pattern, {n for n in REDUCED if point.wants(n)}, spec.top_keys).items():
+        point(name, value)
     if point.wants("attn.pattern_at"):
         point("attn.pattern_at", pattern[:, :, jnp.asarray(spec.queries), :])
-    if point.wants("attn.top_keys") or point.wants("attn.top_key_weights"):
-        weights, keys = jax.lax.top_k(pattern, min(spec.top_keys, pattern.shape[-1]))
-        point("attn.top_keys", keys.astype(jnp.int32))
-        point("attn.top_key_weights", weights)
 
 
 CHUNK = 512        # query rows per chunk in the chunked path (512 beat 256 and the full map at 1k-2k)
@@ -93,27 +100,23 @@ def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
     empty = ~jnp.any(allowed[:, 0], axis=-1)                      # [b, t]: query with no allowed key
     v_mean = jnp.sum(jnp.where((fill == MASK_VALUE)[None, :, None, None], v, 0), axis=1) / n_valid.astype(dt)
     want = {n for n in REDUCED if point.wants(n)}
-    outs, ents, keys, kw = [], [], [], []
+    outs, sums = [], []
     for start in range(0, t, CHUNK):
         end = min(start + CHUNK, t)
         _, _, pat = _probs(qg[:, :, :, start:end], k[:, :end], allowed[:, :, start:end, :end], fill[:end], cfg)
         outs.append(jnp.einsum("bhgts,bshd->bthgd", pat.astype(dt), v[:, :end]))
-        flat = rearrange(pat, "b kv g t s -> b (kv g) t s")
-        if "attn.entropy" in want:
-            ents.append(-jnp.sum(jnp.where(flat > 0, flat * jnp.log(flat), 0.0), axis=-1))
-        if "attn.top_keys" in want or "attn.top_key_weights" in want:
-            w, i = jax.lax.top_k(flat, spec.top_keys)
-            kw.append(w)
-            keys.append(i.astype(jnp.int32))
+        sums.append(_row_summaries(rearrange(pat, "b kv g t s -> b (kv g) t s"), want, spec.top_keys))
     o = jnp.concatenate(outs, axis=1)  # [b t kv g d]
-    empty_o = empty[:, :, None, None, None]
-    o = jnp.where(empty_o, v_mean[:, None, :, None, :].astype(dt), o)
+    o = jnp.where(empty[:, :, None, None, None], v_mean[:, None, :, None, :].astype(dt), o)
+    # rows with no allowed key are uniform over the n_valid keys, as in the full computation
     e_rows = empty[:, None, :]  # [b, 1(head), t]
-    if "attn.entropy" in want:
-        point("attn.entropy", jnp.where(e_rows, jnp.log(n_valid), jnp.concatenate(ents, axis=2)))
-    if keys:
-        point("attn.top_keys", jnp.concatenate(keys, axis=2))
-        point("attn.top_key_weights", jnp.where(e_rows[..., None], 1.0 / n_valid, jnp.concatenate(kw, axis=2)))
+    empty_value = {"attn.entropy": (e_rows, jnp.log(n_valid)),
+                   "attn.top_key_weights": (e_rows[..., None], 1.0 / n_valid)}
+    for name in sums[0]:
+        value = jnp.concatenate([c[name] for c in sums], axis=2)
+        if name in empty_value:
+            value = jnp.where(empty_value[name][0], empty_value[name][1], value)
+        point(name, value)
     if "attn.pattern_at" in want:  # only the chosen query rows, over all keys
         rows = jnp.asarray(spec.queries)
         _, _, pat = _probs(qg[:, :, :, rows], k, allowed[:, :, rows], fill, cfg)
