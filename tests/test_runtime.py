@@ -1,0 +1,56 @@
+"""grokviz.runtime: glibc malloc tuning that keeps big XLA buffers from page-faulting on every call."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from grokviz import runtime
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+
+PROBE = r"""
+import ctypes, resource
+import grokviz, grokviz.runtime as r
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+faults = []
+for i in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = libc.malloc(64 << 20)  # 64 MiB, as XLA asks for a buffer: above glibc's largest mmap threshold
+    ctypes.memset(a, 1, 64 << 20)
+    libc.free(a)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(repr(r.MALLOC_STATUS)); print(min(faults[2:]))
+"""
+
+
+def _probe(env_extra):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    status, faults = out.stdout.strip().splitlines()[-2:]
+    return status, int(faults)
+
+
+@glibc
+def test_big_buffers_are_reused_not_page_faulted():
+    status, faults = _probe({})
+    assert "M_MMAP_MAX" in status
+    pages = (64 << 20) // 4096
+    assert faults < pages // 20, faults  # reused heap memory: (almost) no fault per reallocation
+    status_off, faults_off = _probe({"GROKVIZ_MALLOC_TUNING": "0"})
+    assert status_off == repr("disabled by GROKVIZ_MALLOC_TUNING")
+    assert faults_off > pages // 2, faults_off  # glibc's default: a fresh mmap, every page faults again
+
+
+@glibc
+def test_user_settings_win():
+    applied = runtime.tune_malloc(env={"MALLOC_MMAP_MAX_": "65536"})
+    assert "M_MMAP_MAX" not in applied and "M_TOP_PAD" in applied
+    assert runtime.tune_malloc(env={"GROKVIZ_MALLOC_TUNING": "off"}) == "disabled by GROKVIZ_MALLOC_TUNING"
+    runtime.tune_malloc()  # restore the import-time state for the rest of the session
