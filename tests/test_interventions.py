@@ -100,6 +100,27 @@ def test_patch_last_layer_reproduces_other_prompt(golden_model, golden, none):
     assert not np.allclose(np.asarray(run.logits)[:, unpatched], np.asarray(src.logits)[:, unpatched], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["blocks.attn.logits", "blocks.attn.scores"])
+def test_patching_attention_scores_takes_effect(golden_model, golden, none, name):
+    """A patch on the pre-softmax maps drives the softmax (they were once captured but never applied)."""
+    toks = golden[2]["tokens"]
+    other = np.roll(toks, 3, axis=1)
+    other[other == 0] = 7
+    src = golden_model.run(other, capture=[name, "blocks.attn.pattern"])
+    base = golden_model.run(toks, capture=[name, "blocks.attn.pattern"])
+    own = golden_model.run(toks, capture=["blocks.attn.pattern"], interventions=none.patch(name, base.cache[name]))
+    np.testing.assert_allclose(own.logits, base.logits, atol=1e-6)
+    run = golden_model.run(toks, capture=[name, "blocks.attn.pattern"],
+                           interventions=none.patch(name, src.cache[name], layers=[0]))
+    np.testing.assert_allclose(run.cache[name, 0], src.cache[name, 0], atol=1e-6)
+    # layer 0's softmax uses the patched maps (same keys allowed: both rows have no padding inside)
+    real = np.asarray(toks) > 0
+    pattern0 = np.asarray(run.cache["blocks.attn.pattern", 0])[0]
+    np.testing.assert_allclose(pattern0[:, real[0]][:, :, real[0]],
+                               np.asarray(src.cache["blocks.attn.pattern", 0])[0][:, real[0]][:, :, real[0]], atol=1e-5)
+    assert not np.allclose(run.logits, base.logits, atol=1e-4)
+
+
 def test_routing_patching_uses_other_prompts_decisions(golden_model, golden, none):
     toks = golden[2]["tokens"]
     other = golden_model.run(toks[::-1].copy(), capture=["blocks.moe.top_k_experts"])

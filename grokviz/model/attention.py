@@ -145,11 +145,20 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     if use_chunked(point, t) and spec.top_keys <= CHUNK:
         o = _attend_chunked(qg, k, v, mask, cfg, point, spec, dt)
     else:
-        logits, scores, pattern = _probs(qg, k, *mask, cfg)
-        if point.wants("attn.logits"):
-            point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
-        if point.wants("attn.scores"):
-            point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
+        if point.patched("attn.logits") or point.patched("attn.scores"):
+            # a patch (or callback) replaces logits or scores: the softmax starts from the replaced values
+            allowed, fill = mask
+            logits = jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
+            logits = point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
+            scores = point("attn.scores", softcap(logits, cfg.attn_softcap))
+            scores = rearrange(scores, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
+            pattern = jax.nn.softmax(jnp.where(allowed[:, :, None], scores, fill), axis=-1)
+        else:
+            logits, scores, pattern = _probs(qg, k, *mask, cfg)
+            if point.wants("attn.logits"):
+                point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
+            if point.wants("attn.scores"):
+                point("attn.scores", rearrange(scores, "b kv g t s -> b (kv g) t s"))
         reduce = any(point.wants(n) for n in REDUCED)
         if point.wants("attn.pattern") or point.patched("attn.pattern") or reduce:
             flat = point("attn.pattern", rearrange(pattern, "b kv g t s -> b (kv g) t s"))
