@@ -3,12 +3,13 @@
 Method (the same as ``shared/bench-peers/_common.py``, re-implemented here so that ``bench/`` is
 self-contained):
 
-* every mode of one shape runs **interleaved**, in a new random order each round, in one process, after
-  ``warmup`` rounds; the table gives median and p25/p75 of the kept rounds — quote *ratios* from one run;
-* a **foreign-load filter**: ``/proc/stat`` busy time minus this process's CPU time is other processes'
-  load; a round where it exceeds ``max_foreign`` of the machine's CPUs is discarded and re-run after
-  waiting (bounded) for quiet. On a shared 2-core machine an XLA forward slows 2-10x when another
-  process takes a core, so unfiltered numbers mean little;
+* every mode of one shape runs **interleaved**, in a new random order each round, after ``warmup`` rounds
+  (in one process, or — ``bench_peers.py`` — one worker process per framework driven by a coordinator);
+  the table gives median and p25/p75 of the kept rounds — quote *ratios* from one run;
+* a **foreign-load filter**: ``/proc/stat`` busy time minus our CPU time (this process's, plus that of
+  any worker processes named) is other processes' load; a round where it exceeds ``max_foreign`` of the
+  machine's CPUs is discarded and re-run after waiting (bounded) for quiet. On a shared 2-core machine
+  an XLA forward slows 2-10x when another process takes a core, so unfiltered numbers mean little;
 * compile time (trace + lower + compile) is measured apart from step time;
 * peak RSS is VmHWM, optionally reset via ``/proc/self/clear_refs`` before the measured region;
 * the **floor**: forward-pass matmul FLOPs / the rate of a 2048^3 fp32 GEMM timed interleaved in the
@@ -27,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -85,30 +86,53 @@ def _busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _HZ
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime (fields 14 and 15 of ``/proc/<pid>/stat``, all threads) of process ``pid``, seconds;
+    0.0 when it cannot be read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": comm may hold spaces and ')'
+    except (OSError, IndexError):
+        return 0.0
+    return (int(rest[11]) + int(rest[12])) / _HZ  # rest[0] is field 3 (state)
+
+
 class ForeignLoad:
-    """Fraction of the machine's CPUs used by *other* processes between start() and stop()."""
+    """Fraction of the machine's CPUs used by *other* processes between start() and stop().
+
+    "Ours" is this process's CPU time plus that of ``pids`` (e.g. worker processes that run the timed
+    calls); everything else busy on the machine (``/proc/stat``) is foreign.
+    """
+
+    def __init__(self, pids: Sequence[int] = ()):
+        self.pids = tuple(p for p in pids if p != os.getpid())  # ours already
+
+    def _ours_s(self) -> float:
+        t = os.times()
+        return t.user + t.system + sum(proc_cpu_s(p) for p in self.pids)
 
     def start(self):
-        t = os.times()
-        self.t0, self.b0, self.o0 = time.perf_counter(), _busy_s(), t.user + t.system
+        self.t0, self.b0, self.o0 = time.perf_counter(), _busy_s(), self._ours_s()
         return self
 
     def stop(self) -> float:
-        t = os.times()
+        ours = self._ours_s() - self.o0
         wall = time.perf_counter() - self.t0
-        foreign = (_busy_s() - self.b0) - (t.user + t.system - self.o0)
+        foreign = (_busy_s() - self.b0) - ours
         return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
 
 
 _WAIT_BUDGET = [float(os.environ.get("GROKVIZ_BENCH_MAX_WAIT_S", "300"))]
 
 
-def wait_quiet(max_foreign: float, window_s: float = 1.0, max_wait_s: float = 60.0) -> float:
+def wait_quiet(max_foreign: float, window_s: float = 1.0, max_wait_s: float = 60.0,
+               pids: Sequence[int] = ()) -> float:
     """Sleep until other processes use at most ``max_foreign`` of the CPUs over ``window_s`` (bounded by
-    ``max_wait_s`` per call and a per-process budget, GROKVIZ_BENCH_MAX_WAIT_S, default 300 s)."""
+    ``max_wait_s`` per call and a per-process budget, GROKVIZ_BENCH_MAX_WAIT_S, default 300 s). ``pids``:
+    processes whose CPU time counts as ours (see :class:`ForeignLoad`)."""
     t0 = time.perf_counter()
     while _WAIT_BUDGET[0] > 0:
-        fl = ForeignLoad().start()
+        fl = ForeignLoad(pids).start()
         time.sleep(window_s)
         if fl.stop() <= max_foreign or time.perf_counter() - t0 >= max_wait_s:
             break
@@ -223,31 +247,41 @@ def gemm_ref_fn(lib: str = "jax", n: int = 2048) -> Callable[[], object]:
 # --------------------------------------------------------------------------- timing
 def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps: int = 9,
                       max_foreign: float = 0.2, max_rounds: int | None = None,
-                      verbose: bool = False, pause_s: float = 0.0) -> tuple[dict[str, list[float]], dict]:
+                      verbose: bool = False, pause_s: float = 0.0,
+                      pids: Sequence[int] = ()) -> tuple[dict[str, list[float]], dict]:
     """Time each callable (ms), all interleaved in a fresh random order each round. Returns (times, meta).
 
     Rounds with foreign load > ``max_foreign`` are dropped and re-run (up to ``max_rounds``, default 3*reps);
     if the machine never quiets down the least-contended dropped rounds fill the gap (meta says so).
     ``pause_s``: sleep before each call, outside the timed region (lets another library's spinning thread
-    pool go idle when two libraries are timed in one process).
+    pool go idle when two libraries are timed on one machine).
+    ``pids``: other processes whose CPU time counts as ours in the foreign-load filter (workers that run
+    the calls). A callable with a true ``reports_ms`` attribute times itself (e.g. in a worker process) and
+    returns its time in ms, which is used instead of the time around the call; meta then gives the median
+    of the difference (``call_overhead_ms_median``: request/reply round trip).
     """
     names = list(fns)
     rng = np.random.default_rng(SEED)
     max_rounds = max_rounds or 3 * reps
-    kept, dropped = [], []
-    waited = wait_quiet(max_foreign)
+    kept, dropped, overhead = [], [], []
+    waited = wait_quiet(max_foreign, pids=pids)
     r = 0
     while len(kept) < reps and r < warmup + max_rounds:
         order = [names[i] for i in rng.permutation(len(names))]
-        fl = ForeignLoad().start()
+        fl = ForeignLoad(pids).start()
         rt = {}
         for n in order:
             gc.collect()
             if pause_s:
                 time.sleep(pause_s)
+            self_timed = getattr(fns[n], "reports_ms", False)
             t0 = time.perf_counter()
-            fns[n]()
-            rt[n] = (time.perf_counter() - t0) * 1e3
+            if self_timed:
+                rt[n] = float(fns[n]())
+                overhead.append((time.perf_counter() - t0) * 1e3 - rt[n])
+            else:
+                fns[n]()  # the result is freed inside the timed region, before the next call
+                rt[n] = (time.perf_counter() - t0) * 1e3
         foreign = fl.stop()
         if verbose:
             print(f"  round {r} foreign={foreign:.2f} " + " ".join(f"{n}={v:.1f}" for n, v in rt.items()),
@@ -255,7 +289,7 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, rep
         if r >= warmup:
             (kept if foreign <= max_foreign else dropped).append((foreign, rt))
         if foreign > max_foreign:
-            waited += wait_quiet(max_foreign)
+            waited += wait_quiet(max_foreign, pids=pids)
         r += 1
     filled = 0
     if len(kept) < reps:
@@ -268,6 +302,8 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, rep
             "foreign_load_kept_mean": round(float(np.mean([f for f, _ in kept])), 3) if kept else None,
             "foreign_load_kept_max": round(float(np.max([f for f, _ in kept])), 3) if kept else None,
             "waited_s": round(waited, 1), "max_foreign": max_foreign}
+    if overhead:
+        meta["call_overhead_ms_median"] = round(float(np.median(overhead)), 3)
     return times, meta
 
 

@@ -22,15 +22,30 @@ def setup():
     toks[1, 1050:] = 0  # right padding
     spec = gv.AttentionSpec(queries=(0, 7, -1), top_keys=3)
     chunked = model.run(toks, capture=REDUCED + ["blocks.moe.top_k_experts"], attention=spec)
-    full = model.run(toks, capture=REDUCED + ["blocks.moe.top_k_experts", "blocks.attn.pattern"], attention=spec)
+    # capturing scores forces the full-map path
+    full = model.run(toks, capture=REDUCED + ["blocks.moe.top_k_experts", "blocks.attn.pattern", "blocks.attn.scores"],
+                     attention=spec)
     return cfg, chunked, full
 
 
-def test_chunked_path_is_taken_only_without_full_maps():
+def test_pattern_assembled_from_chunks_equals_the_full_map(setup):
+    _, chunked, full = setup
+    run = full.model.run(full.tokens, capture=["blocks.attn.pattern"])
+    pattern, ref = np.asarray(run.cache["blocks.attn.pattern"]), np.asarray(full.cache["blocks.attn.pattern"])
+    np.testing.assert_allclose(pattern, ref, atol=1e-6)
+    np.testing.assert_allclose(pattern[:, 0, :, :5, :1100], 1 / 1100, rtol=1e-5)  # left padding: uniform
+    np.testing.assert_allclose(run.logits, full.logits, atol=2e-5)
+    np.testing.assert_array_equal(run.logits, chunked.logits)  # the same chunks as without the capture
+
+
+def test_chunked_path_is_taken_only_without_logits_scores_or_patched_maps():
     from grokviz.hooks import Point
 
     assert A.use_chunked(Point(frozenset({"blocks.attn.entropy"}), prefix="blocks."), 1024)
-    assert not A.use_chunked(Point(frozenset({"blocks.attn.pattern"}), prefix="blocks."), 1024)
+    assert A.use_chunked(Point(frozenset({"blocks.attn.pattern"}), prefix="blocks."), 1024)
+    assert not A.use_chunked(Point(frozenset({"blocks.attn.scores"}), prefix="blocks."), 1024)
+    patch = {"blocks.attn.pattern": (np.zeros(1), np.zeros(1, bool))}
+    assert not A.use_chunked(Point(frozenset(), prefix="blocks.", patches=patch), 1024)
     assert not A.use_chunked(Point(frozenset(), prefix="blocks."), 512)
 
 
