@@ -8,23 +8,31 @@ every 4 KiB page of that buffer on every call. Measured on the project machine (
 bench configuration): the 4×256 unembedding matmul took 18.6 ms as is and 9.1 ms without the faults (the
 rate of a 2048³ GEMM); a 1×1024 forward with every layer's attention pattern made 32,769 faults per call.
 
-**The best fix: transparent huge pages for malloc** — start Python with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35; the kernel's THP mode must be ``madvise`` or
-``always``). A fault then maps 2 MiB instead of 4 KiB, and memory is still returned to the OS. This is read
-at process start only, so ``scripts/lab.sh`` (JupyterLab and its kernels), ``scripts/test.sh`` and the
-benchmarks set it. Bench configuration, same machine and hour: 4×256 plain forward 53.1 ms with glibc's
-defaults, 47.6 ms with the tunable; 1×1024 forward + every layer's pattern 127.0 -> 83.2 ms; the peak RSS of
-a 1×4096 forward with reduced attention summaries, over 9 calls, unchanged (1667 -> 1684 MiB).
+**What grokviz does.** :func:`tune_malloc`, run when grokviz is imported, sets ``M_MMAP_MAX = 0`` (big
+blocks come from the heap and are reused instead of being mapped and faulted afresh), a 2 GiB trim threshold
+and a 256 MiB top pad (freed memory stays with the process for the next call). XLA's worker threads still
+allocate in arenas of their own, whose heaps shrink and grow with 4 KiB faults; for those, start Python with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35, kernel THP mode ``madvise`` or ``always``): pages
+are then 2 MiB. That tunable is read at process start only, so ``scripts/lab.sh`` (JupyterLab and its
+kernels), ``scripts/test.sh`` and the benchmarks set it (``scripts/env.sh``).
 
-**Without it** (grokviz imported into some other Python), :func:`tune_malloc`, run when grokviz is imported,
-sets ``M_MMAP_MAX = 0`` (big blocks come from the heap and are reused), a 2 GiB trim threshold and a 256 MiB
-top pad (freed memory stays with the process for the next call): 4×256 plain 44.6 ms, but the worker
-threads' arenas still fault (1×1024 + patterns 109.5 ms), and resident memory does not shrink after a large
-computation. One arena for all threads (``M_ARENA_MAX = 1``) removed those faults too (84.6 ms) but let the
-heap fragment: the 1×4096 peak grew from 1.7 to 3.4 GiB over 9 calls (11 GiB at 8192 tokens), so it is
-not used. Set ``GROKVIZ_MALLOC_TUNING=0`` to leave malloc alone; settings made through glibc's own
-``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` variables are kept. Other platforms
-are left as they are.
+Bench configuration, one process per setting, same machine and hour (median [p25-p75] ms):
+
+============================  =================  ===================  ======================
+setting                       4×256 plain        1×1024 + patterns    64 layers 4×256 + patterns
+============================  =================  ===================  ======================
+glibc defaults                53.0 [53-54]       128.0 [128-130]      783 [707-785]
+THP tunable only              52.6 [52-53]       82.6 [82-89]         630 [626-637]
+mallopt only (import)         44.6 [45-45]       104.7 [104-105]      740 [721-753]
+both (scripts/lab.sh)         44.3 [44-45]       84.4 [82-88]         620 [619-621]
+============================  =================  ===================  ======================
+
+Peak RSS of a 1×8192 forward with reduced attention summaries over 9 calls: 4.4 GiB with glibc's defaults,
+4.6 GiB with both. One arena for all threads (``M_ARENA_MAX = 1``) also removed the thread faults but let the
+heap fragment (11 GiB there), so it is not used. The price of the settings: resident memory does not shrink
+after a large computation. Set ``GROKVIZ_MALLOC_TUNING=0`` to leave malloc alone; settings made through
+glibc's own ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` variables are kept. Other
+platforms are left as they are.
 """
 
 from __future__ import annotations
@@ -63,8 +71,8 @@ def env_with_hugetlb(env=None) -> dict:
 
 
 def tune_malloc(env=None) -> dict | str:
-    """Apply :data:`SETTINGS` with ``mallopt`` (glibc only), unless the THP tunable is active or the user said
-    no. Returns and records what was applied."""
+    """Apply :data:`SETTINGS` with ``mallopt`` (glibc only) unless the user said no. Returns and records what
+    was applied (with ``"hugetlb": True`` when the THP tunable is active as well)."""
     global MALLOC_STATUS
     env = os.environ if env is None else env
     if env.get("GROKVIZ_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -72,9 +80,6 @@ def tune_malloc(env=None) -> dict | str:
         return MALLOC_STATUS
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         MALLOC_STATUS = "not glibc: left alone"
-        return MALLOC_STATUS
-    if hugetlb_active(env):
-        MALLOC_STATUS = f"{HUGETLB_TUNABLE} active: left alone"
         return MALLOC_STATUS
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -89,5 +94,7 @@ def tune_malloc(env=None) -> dict | str:
             continue
         if mallopt(_PARAM_OF[name], value) == 1:
             applied[name] = value
+    if hugetlb_active(env):
+        applied["hugetlb"] = True
     MALLOC_STATUS = applied
     return applied
