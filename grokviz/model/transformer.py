@@ -116,9 +116,7 @@ def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, exp
         stacked.update({k: v[:-1] for k, v in bufs.items()})
 
     hf = top("final_norm.out", rms_norm(h, params["final_norm"], cfg.rms_eps))
-    # the output multiplier scales the [b, t, d] input rather than the [b, t, vocab] logits (the reference's
-    # order): the same product up to fp32 rounding, without a pass over the largest tensor (-3 % at 4x256)
-    logits = jnp.einsum("btd,vd->btv", hf * cfg.output_multiplier, emb.astype(hf.dtype))
+    logits = jnp.einsum("btd,vd->btv", hf, emb.astype(hf.dtype)) * cfg.output_multiplier
     logits = top("unembed.logits", logits)
     return Output(logits=logits, cache={**top.values, **stacked})
 
