@@ -69,11 +69,21 @@ MAPS = ("attn.logits", "attn.scores", "attn.pattern")
 REDUCED = ("attn.entropy", "attn.pattern_at", "attn.top_keys", "attn.top_key_weights")
 
 
+def _logits(qg, k, cfg):
+    """Scaled attention logits [b kv g t s] for queries qg [b kv g t d] and keys k [b s kv d]."""
+    return jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
+
+
+def _masked_softmax(scores, allowed, fill):
+    """Softmax over keys of the soft-capped scores [b kv g t s], masked keys set to ``fill``."""
+    return jax.nn.softmax(jnp.where(allowed[:, :, None], scores, fill), axis=-1)
+
+
 def _probs(qg, k, allowed, fill, cfg):
     """Scaled, soft-capped, masked, softmaxed attention for queries qg [b kv g t d] and keys k [b s kv d]."""
-    logits = jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
+    logits = _logits(qg, k, cfg)
     scores = softcap(logits, cfg.attn_softcap)
-    return logits, scores, jax.nn.softmax(jnp.where(allowed[:, :, None], scores, fill), axis=-1)
+    return logits, scores, _masked_softmax(scores, allowed, fill)
 
 
 def attention_maps(p, x, mask, cfg) -> dict:
@@ -99,7 +109,6 @@ def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
     pattern from 92.8 to 84.8 ms against the full-map path (chunks of 128: 86.5; of 256: 102 — XLA).
     """
     allowed, fill = mask
-    chunk = CHUNK
     b, kvh, g, t, _ = qg.shape
     fill = jnp.broadcast_to(fill, (t,))
     n_valid = jnp.sum(fill == MASK_VALUE).astype(jnp.float32)  # keys that are not bucket padding
@@ -108,8 +117,8 @@ def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
     want = {n for n in REDUCED if point.wants(n)}
     full = point.wants("attn.pattern")
     outs, sums, pats = [], [], []
-    for start in range(0, t, chunk):
-        end = min(start + chunk, t)
+    for start in range(0, t, CHUNK):
+        end = min(start + CHUNK, t)
         _, _, pat = _probs(qg[:, :, :, start:end], k[:, :end], allowed[:, :, start:end, :end], fill[:end], cfg)
         outs.append(jnp.einsum("bhgts,bshd->bthgd", pat.astype(dt), v[:, :end]))
         sums.append(_row_summaries(rearrange(pat, "b kv g t s -> b (kv g) t s"), want, spec.top_keys))
@@ -163,12 +172,9 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     else:
         if point.patched("attn.logits") or point.patched("attn.scores"):
             # a patch (or callback) replaces logits or scores: the softmax starts from the replaced values
-            allowed, fill = mask
-            logits = jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
-            logits = point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
+            logits = point("attn.logits", rearrange(_logits(qg, k, cfg), "b kv g t s -> b (kv g) t s"))
             scores = point("attn.scores", softcap(logits, cfg.attn_softcap))
-            scores = rearrange(scores, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
-            pattern = jax.nn.softmax(jnp.where(allowed[:, :, None], scores, fill), axis=-1)
+            pattern = _masked_softmax(rearrange(scores, "b (kv g) t s -> b kv g t s", g=cfg.group_size), *mask)
         else:
             logits, scores, pattern = _probs(qg, k, *mask, cfg)
             if point.wants("attn.logits"):
