@@ -36,6 +36,22 @@ SEED = 0
 GEMM_REF = "_gemm_2048"
 
 
+def grokviz_runtime():
+    """grokviz/runtime.py loaded on its own (stdlib only), without importing the grokviz package, whose
+    __init__ imports jax: for the bench processes that must not load jax (the HF worker) and for the
+    re-execution below. None where grokviz is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("grokviz")  # locates the package, does not import it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "runtime.py")
+    rspec = importlib.util.spec_from_file_location("_bench_grokviz_runtime", path)
+    runtime = importlib.util.module_from_spec(rspec)
+    rspec.loader.exec_module(runtime)
+    return runtime
+
+
 def _reexec_with_hugetlb():
     """Benchmarks run as scripts/lab.sh runs the kernels: glibc malloc with transparent huge pages (read at
     process start only, see grokviz/runtime.py). A script started without it re-executes itself once with it;
@@ -44,14 +60,13 @@ def _reexec_with_hugetlb():
         return
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or __name__ == "__main__":
         return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" in tunables:
-        return
     main = sys.modules.get("__main__")
     if main is None or not getattr(main, "__file__", None) or "bench" not in os.path.basename(main.__file__):
         return  # imported by something else than a bench script (tests, a notebook): leave the process alone
-    env = dict(os.environ, _GROKVIZ_BENCH_REEXEC="1",
-               GLIBC_TUNABLES=":".join(t for t in (tunables, "glibc.malloc.hugetlb=1") if t))
+    runtime = grokviz_runtime()
+    if runtime is None or runtime.hugetlb_active():
+        return
+    env = runtime.env_with_hugetlb(dict(os.environ, _GROKVIZ_BENCH_REEXEC="1"))
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, os.path.abspath(main.__file__)] + sys.argv[1:], env)
 

@@ -34,10 +34,11 @@ OpenMP); measured before this change, that slowed grokviz by ~25% with a wide p2
 49 ms alone, 61 ms next to torch), an artefact no user sees. ``--same-process`` keeps the old method for
 comparison (default pause 0.05 s there).
 
-Malloc: importing grokviz tunes glibc malloc process-wide (``grokviz.runtime``: no mmap for big blocks, no
-trimming, one arena). The HF worker applies the same ``tune_malloc()`` before it imports torch (loading
-grokviz/runtime.py on its own, so no jax), so both frameworks run with the same allocator settings; the
-header prints what each worker applied.
+Malloc: importing grokviz tunes glibc malloc process-wide (``grokviz.runtime``: no mmap for big blocks, a
+2 GiB trim threshold, a 256 MiB top pad), and the scripts run with glibc's THP tunable (``_harness``). The
+HF worker applies the same ``tune_malloc()`` before it imports torch (``_harness.grokviz_runtime``: the
+module on its own, so no jax), so both frameworks run with the same allocator settings; the header prints
+what each worker applied.
 
 ``--pause`` (sleep before each timed call, outside the timed region; default 0.02 s): the workers still
 share the machine's cores, and torch's OpenMP threads keep spinning for ~5-10 ms after an HF call (XLA's
@@ -75,21 +76,6 @@ def hf_model(attn: str, seed: int = H.SEED):
 
 
 # --------------------------------------------------------------------------- workers (child processes)
-def _tune_malloc_without_jax():
-    """grokviz.runtime.tune_malloc() without importing the grokviz package (its __init__ imports jax):
-    load grokviz/runtime.py (stdlib only) from the file."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("grokviz")  # locates the package, does not import it
-    if spec is None or not spec.submodule_search_locations:
-        return "grokviz not found: malloc left alone"
-    path = os.path.join(list(spec.submodule_search_locations)[0], "runtime.py")
-    rspec = importlib.util.spec_from_file_location("_bench_grokviz_runtime", path)
-    runtime = importlib.util.module_from_spec(rspec)
-    rspec.loader.exec_module(runtime)
-    return runtime.tune_malloc()
-
-
 class _WorkerBase:
     fns: dict
 
@@ -153,7 +139,8 @@ class HFWorker(_WorkerBase):
     """The two HF Mixtral modes; never imports jax. Malloc is tuned as grokviz does before torch loads."""
 
     def __init__(self):
-        self.malloc = _tune_malloc_without_jax()
+        runtime = H.grokviz_runtime()  # grokviz.runtime without the package (and so without jax)
+        self.malloc = runtime.tune_malloc() if runtime else "grokviz not found: malloc left alone"
         import torch
         import transformers
 
