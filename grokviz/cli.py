@@ -32,8 +32,8 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_inspect(args) -> int:
     from .config import GrokConfig
-    from .convert import inspect
-    from .loading import as_config
+    from .checkpoint.converted import inspect
+    from .checkpoint.config_io import as_config
     from .sharding import plan_memory
 
     cfg = None
@@ -51,7 +51,7 @@ def cmd_inspect(args) -> int:
             print(f"inferred:   {info['inferred']}")
         print(f"config:     {cfg.describe() if cfg else 'not Grok-1 sized; pass --config to name the head split'}")
         if cfg is not None:
-            from .convert import _count
+            from .checkpoint.converted import _count
 
             print(f"parameters: {info['num_params'] or _count(cfg):,}")
         if "dtypes" in info:
@@ -68,7 +68,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import DEFAULT_SHARD_BYTES, convert
+    from .checkpoint.converted import DEFAULT_SHARD_BYTES, convert
 
     shard = int(args.shard_gb * 1e9) if args.shard_gb else DEFAULT_SHARD_BYTES
     dst = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, max_shard_bytes=shard,
@@ -78,9 +78,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .convert import is_converted, verify
-    from .loading import verify_release
-    from .release import is_release, scan_release
+    from .checkpoint.converted import is_converted, verify
+    from .checkpoint.manifest import verify_release
+    from .checkpoint.release import is_release, scan_release
 
     if is_converted(args.path):
         ok = verify(args.path)
@@ -93,7 +93,7 @@ def cmd_verify(args) -> int:
         else:
             print("no manifest found (MANIFEST.sha256, or --manifest FILE); checked file set and sizes only")
         if args.config:
-            from .loading import as_config
+            from .checkpoint.config_io import as_config
 
             scan_release(args.path, as_config(args.config))
             print("OK: file set and sizes fit the config")
@@ -103,7 +103,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_manifest(args) -> int:
-    from .convert import format_manifest, manifest
+    from .checkpoint.manifest import format_manifest, manifest
 
     text = format_manifest(manifest(args.path, progress=not args.quiet))
     if args.output:

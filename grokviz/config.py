@@ -196,3 +196,9 @@ class GrokConfig:
         return (f"{self.name}: L={self.num_layers} D={self.d_model} heads={self.num_q_heads}/{self.num_kv_heads}"
                 f"x{self.head_dim} E={self.num_experts} k={self.top_k} F={self.ffn_size} V={self.vocab_size}")
 
+
+
+def is_real(tokens, pad_token: int):
+    """The one padding predicate (numpy or jax arrays): a position is real iff ``token > pad_token``, as in the
+    Grok-1 reference's input mask. Used by the model, training, the dataset runners and the analysis code."""
+    return tokens > pad_token

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .checkpoint import params_from_reference
+from .checkpoint.names import params_from_reference
 from .config import GrokConfig
 from .params import init_params
 

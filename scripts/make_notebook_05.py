@@ -23,7 +23,7 @@ from pathlib import Path
 import json, tempfile
 import numpy as np
 import grokviz as gv
-from grokviz import convert as cv
+from grokviz.checkpoint import converted as cv
 from grokviz.sharding import plan_memory
 
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
@@ -69,7 +69,7 @@ A pickle can name any importable function and have it called on load. Here one t
 restricted unpickler refuses it, and the marker file it would create does not appear."""),
     ("code", """
 import os, pickle
-from grokviz.release import read_tensor, UnsafePickleError
+from grokviz.checkpoint.release import read_tensor, UnsafePickleError
 
 class Evil:
     def __reduce__(self):
@@ -105,11 +105,11 @@ same = all(np.array_equal(np.asarray(a), np.asarray(b))
                            __import__("jax").tree_util.tree_leaves(model2.params)))
 print("bit-exact round trip:", same)"""),
     ("md", """
-For the release itself, `grokviz manifest PATH` (or `cv.manifest`) hashes every file in `sha256sum` format, to
+For the release itself, `grokviz manifest PATH` (or `grokviz.checkpoint.manifest.manifest`) hashes every file in `sha256sum` format, to
 compare with published checksums; a `MANIFEST.sha256` next to `ckpt-0/` is then checked by
 `gv.load(..., verify=True)`."""),
     ("code", """
-print(cv.format_manifest(dict(list(cv.manifest(CHECKPOINT).items())[:3])))"""),
+from grokviz.checkpoint.manifest import format_manifest, manifest\nprint(format_manifest(dict(list(manifest(CHECKPOINT).items())[:3])))"""),
     ("md", """
 ## 7. Memory plan for the full Grok-1 on 8 devices
 

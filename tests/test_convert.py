@@ -12,9 +12,9 @@ import pytest
 
 import grokviz as gv
 from grokviz import cli
-from grokviz import convert as cv
-from grokviz.loading import MANIFEST_NAME, verify_release
-from grokviz.release import CheckpointError
+from grokviz.checkpoint import converted as cv
+from grokviz.checkpoint.manifest import MANIFEST_NAME, verify_release
+from grokviz.checkpoint.release import CheckpointError
 from grokviz.tokenizer import find_grok1_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -123,7 +123,7 @@ def test_truncated_shard_detected(converted, tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, golden, monkeypatch):
-    import grokviz.release as rl
+    import grokviz.checkpoint.release as rl
 
     real = rl.read_tensor
     count = {"n": 0}
@@ -170,12 +170,13 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path, golden):
 # --- manifest of a release directory -----------------------------------------------------------------------
 
 def test_manifest_and_release_verify(tmp_path, capsys):
-    m = cv.manifest(CKPT)
+    from grokviz.checkpoint.manifest import format_manifest, manifest
+    m = manifest(CKPT)
     assert len(m) == 26 and m["ckpt-0/tensor00000_000"] == hashlib.sha256(
         (CKPT / "ckpt-0" / "tensor00000_000").read_bytes()).hexdigest()
     assert cli.main(["manifest", str(CKPT), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert out == cv.format_manifest(m) and out.splitlines()[0].endswith("  ckpt-0/tensor00000_000")
+    assert out == format_manifest(m) and out.splitlines()[0].endswith("  ckpt-0/tensor00000_000")
 
     rel = tmp_path / "rel"
     shutil.copytree(CKPT, rel)

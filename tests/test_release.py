@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import grokviz as gv
-from grokviz.checkpoint import reference_paths
+from grokviz.checkpoint.names import reference_paths
 from grokviz.params import Int8Weight
-from grokviz.release import (CheckpointError, UnsafePickleError, infer_release_shapes, read_tensor,
+from grokviz.checkpoint.release import (CheckpointError, UnsafePickleError, infer_release_shapes, read_tensor,
                              scan_release)
 
 DATA = Path(__file__).resolve().parent / "data"

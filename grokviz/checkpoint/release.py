@@ -28,9 +28,9 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import reference_paths
-from .config import GrokConfig
-from .params import Int8Weight, shapes_dict
+from .names import reference_paths
+from ..config import GrokConfig
+from ..params import Int8Weight, shapes_dict
 
 RELEASE_SUBDIR = "ckpt-0"
 FILE_RE = re.compile(r"^tensor(\d{5})_(\d{3})$")

@@ -23,8 +23,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .config import GrokConfig
-from .params import Int8Weight, validate_params
+from ..config import GrokConfig
+from ..params import Int8Weight, validate_params
 
 TOP_LEVEL = {
     "language_model/in_out_embed/embeddings": "embed",

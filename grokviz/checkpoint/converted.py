@@ -16,40 +16,30 @@ Reading memory-maps each shard (``np.memmap``); nothing is copied until a tensor
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import ml_dtypes
 import numpy as np
 
-from .config import GrokConfig
-from .params import Int8Weight
+from ..config import GrokConfig
+from ..params import Int8Weight
+from .config_io import FORMAT, config_from_json, config_to_json, resolve_release_config
+from .safetensors_io import SafetensorsError, _ShardWriter, memmap_tensor, read_safetensors_header, sha256_file
 
-FORMAT = "grokviz-safetensors"
 VERSION = 1
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 DEFAULT_SHARD_BYTES = 4 << 30
-_HEADER_LIMIT = 1 << 20
-
-_ST_DTYPES = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16",
-              np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float16): "F16",
-              np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(ml_dtypes.bfloat16): "BF16",
-              np.dtype(bool): "BOOL"}
-_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class ConvertedCheckpointError(ValueError):
-    """A converted checkpoint that is incomplete, inconsistent or fails its hashes (names the file)."""
+#: a converted checkpoint that is incomplete, inconsistent or fails its hashes (the message names the file)
+ConvertedCheckpointError = SafetensorsError
 
 
 # --- tensor naming -----------------------------------------------------------------------------------------
@@ -73,103 +63,7 @@ def parse_tensor_name(key: str) -> tuple[str, int | None, str | None]:
     raise ConvertedCheckpointError(f"unrecognised tensor name {key!r}")
 
 
-# --- safetensors, streamed ---------------------------------------------------------------------------------
-
-def _header_bytes(entries: dict) -> bytes:
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)  # pad with spaces (allowed) so the data is 8-byte aligned
-
-
-class _ShardWriter:
-    """Writes one safetensors file incrementally: data first, header (reserved space) written last."""
-
-    def __init__(self, path: Path, reserve: int):
-        self.path, self.reserve = path, reserve
-        self.f = open(path, "wb")
-        self.f.write(b"\0" * (8 + reserve))
-        self.entries: dict = {}
-        self.offset = 0
-
-    def fits(self, key, arr) -> bool:
-        trial = dict(self.entries)
-        trial[key] = {"dtype": "BF16", "shape": list(arr.shape), "data_offsets": [10**15, 10**15]}
-        return len(_header_bytes(trial)) <= self.reserve
-
-    def add(self, key: str, arr: np.ndarray):
-        dt = np.dtype(arr.dtype)
-        if dt not in _ST_DTYPES:
-            raise ValueError(f"tensor {key}: dtype {dt} cannot be stored in safetensors")
-        arr = np.ascontiguousarray(arr)
-        n = arr.nbytes
-        self.f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        self.entries[key] = {"dtype": _ST_DTYPES[dt], "shape": list(arr.shape),
-                             "data_offsets": [self.offset, self.offset + n]}
-        self.offset += n
-
-    def close(self):
-        hdr = _header_bytes({"__metadata__": {"format": "np"}, **self.entries})
-        if len(hdr) > self.reserve:  # fits() keeps this from happening
-            raise ValueError(f"{self.path}: safetensors header overflow")
-        hdr = hdr + b" " * (self.reserve - len(hdr))  # trailing spaces are allowed in the header
-        self.f.seek(0)
-        self.f.write(struct.pack("<Q", len(hdr)))
-        self.f.write(hdr)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(tensor entries, data start offset) of a safetensors file; validates sizes against the file length."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConvertedCheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise ConvertedCheckpointError(f"{path}: corrupt safetensors header length {n}")
-        try:
-            entries = json.loads(f.read(n))
-        except ValueError as e:
-            raise ConvertedCheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    entries.pop("__metadata__", None)
-    start = 8 + n
-    for key, e in entries.items():
-        end = e["data_offsets"][1]
-        if start + end > size:
-            raise ConvertedCheckpointError(f"{path}: tensor {key} extends past the end of the file (truncated)")
-    return entries, start
-
-
-def memmap_tensor(path: Path, entry: dict, start: int) -> np.ndarray:
-    dt = _NP_DTYPES[entry["dtype"]]
-    lo, hi = entry["data_offsets"]
-    shape = tuple(entry["shape"])
-    if hi == lo:
-        return np.zeros(shape, dt)
-    return np.memmap(path, dtype=dt, mode="r", offset=start + lo, shape=shape)
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- writing -----------------------------------------------------------------------------------------------
-
-def config_to_json(cfg: GrokConfig) -> dict:
-    return {"format": FORMAT, "grokviz_config": dataclasses.asdict(cfg), "reference_config": cfg.to_reference()}
-
-
-def config_from_json(d: dict) -> GrokConfig:
-    if "grokviz_config" in d:
-        return GrokConfig(**d["grokviz_config"])
-    return GrokConfig.from_reference(ignore_generator_fields=True, **d)
-
 
 def write_checkpoint(dst, cfg: GrokConfig, tensors: Iterable[tuple[str, int | None, object]], *,
                      tokenizer: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -278,7 +172,6 @@ def convert(src, dst, *, config: GrokConfig | None = None, progress: bool = True
 
     Tensors are copied bit-exactly (int8 weights and bf16 scales stay as they are).
     """
-    from .loading import resolve_release_config
     from .release import iter_release, release_dir
 
     cfg = resolve_release_config(src, config)
@@ -392,24 +285,7 @@ def iter_converted(path, *, progress: bool = True) -> Iterator[tuple[str, int | 
                                        f"weight and scales")
 
 
-# --- manifests and inspection ------------------------------------------------------------------------------
-
-def manifest(path, *, progress: bool = False) -> dict[str, str]:
-    """{relative path: sha256} of every regular file under ``path`` (sorted), e.g. a release checkpoint."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    it = files
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(files, unit="file", desc="hashing")
-    return {p.relative_to(path).as_posix(): sha256_file(p) for p in it}
-
-
-def format_manifest(m: dict[str, str]) -> str:
-    """``sha256sum``-compatible lines."""
-    return "".join(f"{h}  {p}\n" for p, h in m.items())
-
+# --- inspection --------------------------------------------------------------------------------------------
 
 def inspect(path) -> dict:
     """Format, config, parameter count, dtypes and bytes of a converted or release checkpoint."""
@@ -445,7 +321,7 @@ def inspect(path) -> dict:
 
 
 def _count(cfg: GrokConfig) -> int:
-    from .params import shapes_dict
+    from ..params import shapes_dict
 
     leaves = [shapes_dict(cfg)["embed"], shapes_dict(cfg)["final_norm"], *shapes_dict(cfg)["blocks"].values()]
     return int(sum(np.prod(s, dtype=np.int64) for s in leaves))
