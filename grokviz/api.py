@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import ActivationCache
-from .config import GrokConfig
+from .config import GrokConfig, is_real
 from .hooks import REGISTRY, AttentionSpec, select
-from .interventions import Interventions
-from .model.transformer import cache_layout, forward
+from .interventions import Interventions, check_interventions
+from .model.transformer import forward
 from .params import count_params, validate_params
 
 
@@ -47,19 +47,14 @@ def bucket_length(t: int, max_len: int) -> int:
     return max(t, min(b, max_len))
 
 
-def trim_seq(name: str, value, t: int):
-    """Cut a captured array back to the first t positions along its seq/kv_seq axes."""
+def pad_seq(name: str, value, width: int) -> np.ndarray:
+    """Zero-pad a patch value along its seq/kv_seq axes to ``width``, on the host (nothing compiles per length;
+    the padded part is never applied)."""
     axes = REGISTRY[name].axes
-    index = tuple(slice(0, t) if a in ("seq", "kv_seq") else slice(None) for a in axes)
-    return value[index]
-
-
-def pad_seq(name: str, value, width: int):
-    """Zero-pad a patch value along its seq/kv_seq axes to ``width`` (the padded part is never applied)."""
-    axes = REGISTRY[name].axes
-    value = jnp.asarray(value)
-    return jnp.pad(value, [(0, width - value.shape[i]) if a in ("seq", "kv_seq") else (0, 0)
-                           for i, a in enumerate(axes)])
+    value = np.asarray(value)
+    lead = value.ndim - len(axes)  # a leading variant axis, if any
+    return np.pad(value, [(0, 0)] * lead + [(0, width - value.shape[lead + i]) if a in ("seq", "kv_seq")
+                                             else (0, 0) for i, a in enumerate(axes)])
 
 
 def validate_tokens(tokens, cfg: GrokConfig) -> np.ndarray:
@@ -83,19 +78,67 @@ def validate_tokens(tokens, cfg: GrokConfig) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
 class Run:
-    """The result of :meth:`Model.run`."""
+    """The result of :meth:`Model.run`, with the settings it was made with (so it can be re-run or compared).
 
-    tokens: np.ndarray          # [batch, seq] int32
-    logits: jax.Array           # [batch, seq, vocab]
-    cache: ActivationCache
-    model: "Model"
+    ``logits`` [batch, seq, vocab] and the cache values are host (numpy, read-only) arrays, fetched from the
+    device on first access; a bucketed run keeps the padded device arrays and cuts them back to the true length
+    on the host, so no length ever compiles a program of its own. ``cfg`` is the configuration the run used
+    (``top_k`` replaced when it was given), ``interventions`` the ones given (None for none), ``attention`` the
+    :class:`~grokviz.hooks.AttentionSpec`, ``capture`` the frozenset of captured hook names, ``expert_impl``,
+    ``bucket`` whether the tokens were padded to a bucket, ``unroll`` and ``callbacks`` as given.
+    """
+
+    def __init__(self, tokens, logits, cache, model, *, cfg=None, interventions=None, attention=None,
+                 capture=frozenset(), expert_impl="sparse", bucket=False, unroll=False, callbacks=None):
+        self.tokens = np.asarray(tokens)        # [batch, seq] int32, as given (not padded)
+        self._logits = logits                   # [batch, padded seq, vocab] (device) until first access
+        self.cache = cache
+        self.model = model
+        self.cfg = model.cfg if cfg is None else cfg
+        self.interventions = interventions
+        self.attention = AttentionSpec() if attention is None else attention
+        self.capture = frozenset(capture)
+        self.expert_impl = expert_impl
+        self.bucket = bool(bucket)
+        self.unroll = bool(unroll)
+        self.callbacks = dict(callbacks or {})
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[batch, seq, vocab] float32 on the host (the padded tail of a bucketed run cut off)."""
+        if not isinstance(self._logits, np.ndarray) or self._logits.shape[1] != self.tokens.shape[1]:
+            self._logits = np.asarray(self._logits)[:, :self.tokens.shape[1]]
+        return self._logits
 
     @property
     def real(self) -> np.ndarray:
-        """[batch, seq] bool: not padding."""
-        return self.tokens > self.model.cfg.pad_token
+        """[batch, seq] bool: not padding (:func:`grokviz.config.is_real`)."""
+        return is_real(self.tokens, self.cfg.pad_token)
+
+    def positions(self, row: int = 0) -> np.ndarray:
+        """int [n]: the real (non-pad) positions of ``row``, in order."""
+        b = self.tokens.shape[0]
+        if not isinstance(row, (int, np.integer)) or isinstance(row, bool) or not -b <= row < b:
+            raise IndexError(f"row {row!r} is outside the batch of {b} row(s) [-{b}, {b})")
+        return np.flatnonzero(self.real[row])
+
+    def settings(self) -> dict:
+        """The keyword arguments of :meth:`Model.run` that reproduce this run (tokens aside)."""
+        out = dict(capture=self.capture, interventions=self.interventions, expert_impl=self.expert_impl,
+                   unroll=self.unroll, callbacks=self.callbacks or None, attention=self.attention,
+                   bucket=self.bucket)
+        if self.cfg.top_k != self.model.cfg.top_k:
+            out["top_k"] = self.cfg.top_k
+        return out
+
+    def rerun(self, model: "Model | None" = None, **overrides) -> "Run":
+        """Run the same tokens again with exactly this run's settings, on ``model`` (default: the same model),
+        with any keyword of :meth:`Model.run` overridden (``rerun(interventions=iv)``, ``rerun(top_k=1)``)."""
+        settings = self.settings()
+        if model is not None and "top_k" not in overrides and self.cfg.top_k != model.cfg.top_k:
+            settings["top_k"] = self.cfg.top_k
+        return (model or self.model).run(self.tokens, **{**settings, **overrides})
 
     def str_tokens(self, row: int = 0) -> list[str]:
         tok = self.model.tokenizer
@@ -103,7 +146,8 @@ class Run:
         return [tok.id_to_piece(i) for i in ids] if tok is not None else [str(i) for i in ids]
 
     def __repr__(self):
-        return f"Run(tokens={list(self.tokens.shape)}, logits={list(self.logits.shape)}, cache={self.cache!r})"
+        shape = list(self.tokens.shape) + [self.cfg.vocab_size]
+        return f"Run(tokens={list(self.tokens.shape)}, logits={shape}, cache={self.cache!r})"
 
 
 class Model:
@@ -153,54 +197,58 @@ class Model:
         ``top_k``: route to a different number of experts (static: recompiles); ``attention``: an
         :class:`~grokviz.hooks.AttentionSpec` limiting attention maps to some layers/heads (static);
         ``bucket``: right-pad the sequence with pad tokens to a bucketed length (16, 32, ..., 256, then multiples
-        of 256) so prompts of similar lengths share one compiled program; results are trimmed back. Right
-        padding never changes real positions (causal attention, pad keys masked, padding excluded from expert
-        load) beyond fp32 rounding of the different shapes. Default: the model's ``bucket`` (True). Runs with
-        patches are never bucketed."""
+        of 256) so prompts of similar lengths share one compiled program; results are cut back to the true
+        length on the host. Right padding never changes real positions (causal attention, pad keys masked,
+        padding excluded from expert load) beyond fp32 rounding of the different shapes. Default: the model's
+        ``bucket`` (True). Runs with patches are bucketed too: patch values and masks are padded on the host
+        and the padded positions are never patched.
+
+        Interventions are checked on the host first (:func:`check_interventions`): every index, id, value and
+        patch shape, with a ``ValueError`` naming the intervention and the bound."""
         tokens = self.to_tokens(tokens_or_text)
         cfg = self.cfg if top_k is None else self.cfg.replace(top_k=top_k)
-        if interventions is not None:
-            check_interventions(interventions, cfg, tokens.shape)
         if callbacks:
             select(list(callbacks))  # validate names
         capture = select(capture)
         t = tokens.shape[1]
-        attention = attention or AttentionSpec()
+        given_attention = attention = attention or AttentionSpec()
         check_attention_spec(attention, cfg, t)
+        if interventions is not None:
+            check_interventions(interventions, cfg, tokens.shape, attention)
         if "blocks.attn.pattern_at" in capture:  # negative query positions count from the true end
             attention = dataclasses.replace(attention, queries=tuple(q % t for q in attention.queries))
-        bucket = self.bucket if bucket is None else bucket
-        padded = tokens
+        bucket = self.bucket if bucket is None else bool(bucket)
+        padded, run_iv = tokens, interventions
         if bucket:
             width = bucket_length(t, cfg.sequence_len)
             padded = np.pad(tokens, ((0, 0), (0, width - t)), constant_values=cfg.pad_token)
             if interventions is not None and interventions.patches and width != t:
-                interventions = dataclasses.replace(interventions, patches={
-                    k: (pad_seq(k, v, width), jnp.pad(m, [(0, 0)] * (m.ndim - 1) + [(0, width - t)]))
+                run_iv = dataclasses.replace(interventions, patches={
+                    k: (pad_seq(k, v, width), np.pad(np.asarray(m), [(0, 0)] * (np.ndim(m) - 1) + [(0, width - t)]))
                     for k, (v, m) in interventions.patches.items()})
         length = jnp.int32(t) if bucket else None  # always given when bucketing, so the pytree never changes
-        out = forward_jit(self.params, jnp.asarray(padded), interventions, length, cfg=cfg, capture=capture,
+        out = forward_jit(self.params, jnp.asarray(padded), run_iv, length, cfg=cfg, capture=capture,
                           expert_impl=expert_impl, unroll=unroll,
                           callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention)
-        logits, values = out.logits, out.cache
-        if padded.shape[1] != t:
-            logits = logits[:, :t]
-            values = {k: trim_seq(k, v, t) for k, v in values.items()}
-        cache = ActivationCache(values, cache_layout(capture, cfg, attention))
-        return Run(tokens=tokens, logits=logits, cache=cache, model=self)
+        cache = ActivationCache(out.cache, dict(out.layout), num_layers=cfg.num_layers,
+                                length=t)
+        return Run(tokens, out.logits, cache, self, cfg=cfg, interventions=interventions,
+                   attention=given_attention, capture=capture, expert_impl=expert_impl, bucket=bucket,
+                   unroll=unroll, callbacks=callbacks)
 
     def run_many(self, tokens_or_text, interventions, *, capture=None, expert_impl="sparse"):
         """Many interventions in one vmapped call. ``interventions``: a list, or an already stacked
-        Interventions (leading axis = variant). Returns (logits [variant, batch, seq, vocab], cache dict of
-        [variant, ...] arrays)."""
+        Interventions (leading axis = variant). Returns (logits [variant, batch, seq, vocab], cache) where the
+        cache's arrays have a leading variant axis and ``cache[name, layer]`` is [variant, ...] of that layer.
+        Every variant is checked as in :meth:`run`."""
         from .interventions import stack
 
         tokens = self.to_tokens(tokens_or_text)
         stacked = stack(list(interventions)) if isinstance(interventions, (list, tuple)) else interventions
-        check_interventions(jax.tree_util.tree_map(lambda a: a[0], stacked), self.cfg, tokens.shape)
+        check_interventions(stacked, self.cfg, tokens.shape, variants=True)
         out = forward_many_jit(self.params, jnp.asarray(tokens), stacked, cfg=self.cfg, capture=select(capture),
                                expert_impl=expert_impl)
-        return out.logits, ActivationCache(out.cache)
+        return out.logits, ActivationCache(out.cache, num_layers=self.cfg.num_layers, variants=True)
 
 
 def check_attention_spec(spec: AttentionSpec, cfg: GrokConfig, seq: int) -> None:
@@ -209,18 +257,3 @@ def check_attention_spec(spec: AttentionSpec, cfg: GrokConfig, seq: int) -> None
         for v in values or ():
             if not -n <= v < n:
                 raise ValueError(f"AttentionSpec.{name} contains {v}, outside [-{n}, {n})")
-
-
-def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape) -> None:
-    L, E, H = cfg.num_layers, cfg.num_experts, cfg.num_q_heads
-    expected = {"expert_remove": (L, E), "expert_scale": (L, E), "head_scale": (L, H), "router_bias": (L, E),
-                "router_temperature": (L,), "renormalize": (L,)}
-    for name, shape in expected.items():
-        got = tuple(np.shape(getattr(iv, name)))
-        if got != shape:
-            raise ValueError(f"interventions.{name} has shape {got}, but the model needs {shape}")
-    for name, (value, mask) in iv.patches.items():
-        bt = tuple(mask.shape[-2:])
-        if bt != tuple(token_shape):
-            raise ValueError(f"patch for {name} covers [batch, seq] = {list(bt)} but the tokens are "
-                             f"{list(token_shape)}")

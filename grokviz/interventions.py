@@ -55,27 +55,53 @@ class Interventions:
         layers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "patches"}
         return layers, dict(self.patches)
 
-    def _set(self, field, index, value):
-        return dataclasses.replace(self, **{field: getattr(self, field).at[index].set(value)})
+    def _set(self, field, index, value, op):
+        arr = getattr(self, field)
+        index = index if isinstance(index, tuple) else (index,)
+        for i, (idx, what) in enumerate(zip(index, _INDEX_NAMES[field])):
+            _check_index(idx, arr.shape[i], what, op)
+        if not any(_is_tracer(i) for i in index):
+            index = tuple(_host_index(i) for i in index)
+            region = np.empty(arr.shape, np.int8)[index].shape
+            try:
+                fits = np.broadcast_shapes(np.shape(value), region) == region
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(f"{op}: the value has shape {tuple(np.shape(value))}, which does not fit the "
+                                 f"selected {tuple(region)} entries of {field}")
+        _check_values(field, value, op)
+        out = arr.at[index].set(value)
+        if field == "expert_remove" and not _is_tracer(out):
+            full = np.flatnonzero(np.asarray(out).all(-1))
+            if full.size:
+                raise ValueError(f"{op}: that removes all {arr.shape[-1]} experts at layer {int(full[0])}; at "
+                                 f"least top_k experts must remain")
+        return dataclasses.replace(self, **{field: out})
 
-    # --- editing helpers (layer/expert/head may be ints, slices or index arrays) ---
+    # --- editing helpers (layer/expert/head may be ints, slices or index arrays; each is checked) ---
     def remove_expert(self, layer, expert):
-        return self._set("expert_remove", (layer, expert), True)
+        """Top-k skips ``expert`` at ``layer`` (tokens take their next choice)."""
+        return self._set("expert_remove", (layer, expert), True, "remove_expert")
 
     def zero_expert(self, layer, expert, scale=0.0):
-        return self._set("expert_scale", (layer, expert), scale)
+        """Multiply the expert's gated output by ``scale`` (finite; 0 = zero-ablation), routing unchanged."""
+        return self._set("expert_scale", (layer, expert), jnp.asarray(scale, jnp.float32), "zero_expert")
 
     def ablate_head(self, layer, head, scale=0.0):
-        return self._set("head_scale", (layer, head), scale)
+        """Multiply a query head's output by ``scale`` (finite; 0 = ablation)."""
+        return self._set("head_scale", (layer, head), jnp.asarray(scale, jnp.float32), "ablate_head")
 
     def with_router(self, layer=slice(None), *, temperature=None, bias=None, renormalize=None):
+        """Router edits at ``layer``: logits ``(logits + bias) / temperature`` (temperature finite and > 0, bias
+        finite, a scalar or one value per expert); ``renormalize``: gates rescaled to sum to 1."""
         out = self
         if temperature is not None:
-            out = out._set("router_temperature", layer, temperature)
+            out = out._set("router_temperature", layer, jnp.asarray(temperature, jnp.float32), "with_router")
         if bias is not None:
-            out = out._set("router_bias", layer, jnp.asarray(bias, jnp.float32))
+            out = out._set("router_bias", layer, jnp.asarray(bias, jnp.float32), "with_router")
         if renormalize is not None:
-            out = out._set("renormalize", layer, bool(renormalize))
+            out = out._set("renormalize", layer, bool(renormalize), "with_router")
         return out
 
     def patch(self, name, value, *, layers=None, positions=None, mask=None):
@@ -83,18 +109,21 @@ class Interventions:
 
         For ``blocks.*`` hooks ``value`` is ``[layer, batch, seq, ...]`` and ``layers`` selects which layers
         are patched (default all); ``positions`` selects sequence positions (default all); or give ``mask``
-        directly ([layer, batch, seq] bool for blocks hooks, [batch, seq] otherwise).
+        directly ([layer, batch, seq] bool for blocks hooks, [batch, seq] otherwise). The value must have the
+        hook's full shape for the run it is used in (checked again by :meth:`grokviz.Model.run`), finite values,
+        and for ``blocks.moe.top_k_experts`` integer expert ids in ``[0, num_experts)``.
         """
         if name not in REGISTRY:
             raise unknown_hook_error(name)
         hook = REGISTRY[name]
+        op = f"patch({name!r})"
         if "seq" not in hook.axes:
             raise ValueError(f"{name} has no seq axis ({' '.join(hook.axes)}); it cannot be patched by position")
-        value = jnp.asarray(value)
+        value = value if isinstance(value, jax.Array) else jnp.asarray(np.asarray(value))
         bt_axes = (hook.axes.index("batch"), hook.axes.index("seq"))
-        n_layers = self.expert_remove.shape[0]
+        n_layers, n_experts = self.expert_remove.shape
         want = tuple(hook.axes)
-        if hook.per_layer and value.shape[0] != n_layers:
+        if hook.per_layer and (value.ndim == 0 or value.shape[0] != n_layers):
             raise ValueError(f"patch for {name} must have a leading layer axis of {n_layers}, "
                              f"got shape {tuple(value.shape)} (axes {' '.join(want)})")
         if value.ndim != len(want):
@@ -103,21 +132,31 @@ class Interventions:
         if mask is None:
             m = np.ones((b, t), bool)
             if positions is not None:
+                _check_index(positions, t, "position", op)
                 m[:] = False
-                m[:, positions] = True
+                m[:, _host_index(positions)] = True
             if hook.per_layer:
                 lm = np.zeros(n_layers, bool)
-                lm[slice(None) if layers is None else layers] = True
+                if layers is not None:
+                    _check_index(layers, n_layers, "layer", op)
+                lm[slice(None) if layers is None else _host_index(layers)] = True
                 m = lm[:, None, None] & m[None]
             mask = m
+        elif layers is not None or positions is not None:
+            raise ValueError(f"{op}: give either mask or layers/positions, not both")
         mask = jnp.asarray(mask, bool)
+        _check_patch(name, value, mask, op, n_layers=n_layers, n_experts=n_experts)
         patches = dict(self.patches)
         patches[name] = (value, mask)
         return dataclasses.replace(self, patches=patches)
 
     def force_routing(self, experts, *, layers=None, positions=None):
-        """Send tokens to given experts: ``experts`` [layer, batch, seq, k] int (e.g. another run's
-        ``blocks.moe.top_k_experts``: routing patching)."""
+        """Send tokens to given experts: ``experts`` [layer, batch, seq, k] integer ids in ``[0, num_experts)``
+        (e.g. another run's ``blocks.moe.top_k_experts``: routing patching)."""
+        experts = experts if isinstance(experts, jax.Array) else np.asarray(experts)
+        if not _is_tracer(experts) and not np.issubdtype(experts.dtype, np.integer):
+            raise ValueError(f"force_routing: expert ids must be integers, got dtype {experts.dtype} "
+                             f"(float ids would be truncated)")
         return self.patch("blocks.moe.top_k_experts", jnp.asarray(experts, jnp.int32),
                           layers=layers, positions=positions)
 
@@ -151,3 +190,150 @@ def stack(ivs: list[Interventions]) -> Interventions:
     if len(set(names)) != 1:
         raise ValueError(f"all interventions must patch the same hooks to be stacked, got {sorted(set(names))}")
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ivs)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+_INDEX_NAMES = {"expert_remove": ("layer", "expert"), "expert_scale": ("layer", "expert"),
+                "head_scale": ("layer", "head"), "router_bias": ("layer", "expert"),
+                "router_temperature": ("layer",), "renormalize": ("layer",)}
+_BOOL_FIELDS = ("expert_remove", "renormalize")
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _host_index(idx):
+    """An index as numpy understands it (lists and arrays become numpy arrays)."""
+    if isinstance(idx, (slice, int, np.integer)):
+        return idx
+    return np.asarray(idx)
+
+
+def _check_index(idx, n: int, what: str, op: str) -> None:
+    """``idx`` (int, slice, int or bool array) must address entries of an axis of length ``n``."""
+    if _is_tracer(idx):
+        return
+    bound = f"[-{n}, {n})"
+    if isinstance(idx, slice):
+        for end in (idx.start, idx.stop):
+            if end is not None and (isinstance(end, bool) or not isinstance(end, (int, np.integer))
+                                    or not -n <= end <= n):
+                raise ValueError(f"{op}: {what} slice {idx} has an end outside the {n} {what}s [-{n}, {n}]")
+        if idx.step == 0:
+            raise ValueError(f"{op}: {what} slice step cannot be 0")
+        return
+    if idx is None or isinstance(idx, bool):
+        raise ValueError(f"{op}: {what} must be an int, a slice or an array of ints, got {idx!r}")
+    arr = np.asarray(idx)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"{op}: a boolean {what} mask must have length {n}, got shape {arr.shape}")
+        return
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{op}: {what} must be an int, a slice or an array of ints, got {idx!r}")
+    bad = arr[(arr < -n) | (arr >= n)]
+    if bad.size:
+        raise ValueError(f"{op}: {what} {int(bad.ravel()[0])} is outside the {n} {what}s {bound}")
+
+
+def _check_values(field: str, value, op: str) -> None:
+    """Finite scales and biases; temperatures finite and > 0 (skipped for traced values)."""
+    if _is_tracer(value) or field in _BOOL_FIELDS:
+        return
+    v = np.asarray(value, np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{op}: {field} must be finite, got {v[~np.isfinite(v)].ravel()[0]}")
+    if field == "router_temperature" and not np.all(v > 0):
+        raise ValueError(f"{op}: router temperature must be > 0, got {v[v <= 0].ravel()[0]}")
+
+
+def _check_patch(name, value, mask, op, *, n_layers, n_experts, lead: int = 0, expected=None) -> None:
+    """Mask shape/dtype against the value; finite values; expert ids in range. ``expected``: the value's full
+    shape for the run (without the ``lead`` axes), when known."""
+    hook = REGISTRY[name]
+    vshape, mshape = tuple(np.shape(value)), tuple(np.shape(mask))
+    if len(vshape) != lead + len(hook.axes):
+        raise ValueError(f"{op}: value has shape {vshape}; expected axes {' '.join(hook.axes)}")
+    own = vshape[lead:]
+    if expected is not None and own != tuple(expected):
+        raise ValueError(f"{op}: value has shape {own}, but this run needs {tuple(expected)} "
+                         f"(axes {' '.join(hook.axes)}); a patch must cover the hook exactly")
+    bt = (own[hook.axes.index("batch")], own[hook.axes.index("seq")])
+    want_mask = ((n_layers,) if hook.per_layer else ()) + bt
+    if mshape[lead:] != want_mask:
+        kind = "[layer, batch, seq]" if hook.per_layer else "[batch, seq]"
+        raise ValueError(f"{op}: mask has shape {mshape[lead:]}, but it must be {kind} = {want_mask}")
+    if np.dtype(getattr(mask, "dtype", np.asarray(mask).dtype)) != np.bool_:
+        raise ValueError(f"{op}: mask must be boolean, got dtype {mask.dtype}")
+    if name == "blocks.moe.top_k_experts":
+        if not np.issubdtype(np.dtype(value.dtype), np.integer):
+            raise ValueError(f"{op}: expert ids must be integers, got dtype {value.dtype}")
+        if not _is_tracer(value):
+            v = np.asarray(value)
+            bad = v[(v < 0) | (v >= n_experts)]
+            if bad.size:
+                raise ValueError(f"{op}: expert id {int(bad.ravel()[0])} is outside the {n_experts} experts "
+                                 f"[0, {n_experts})")
+    elif not _is_tracer(value) and np.issubdtype(np.dtype(value.dtype), np.inexact):
+        v = np.asarray(value)
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{op}: the value contains non-finite entries ({v[~np.isfinite(v)].ravel()[0]})")
+
+
+def _hook_shape(name, cfg: GrokConfig, token_shape, attention=None) -> tuple[int, ...]:
+    b, t = token_shape
+    spec = attention
+    sizes = {"layer": cfg.num_layers, "batch": b, "seq": t, "kv_seq": t, "d_model": cfg.d_model,
+             "head": cfg.num_q_heads, "kv_head": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+             "expert": cfg.num_experts, "k": cfg.top_k, "ffn": cfg.ffn_size, "vocab": cfg.vocab_size,
+             "query": len(spec.queries) if spec is not None else 1, "rank": spec.top_keys if spec is not None else 4}
+    return tuple(sizes[a] for a in REGISTRY[name].axes)
+
+
+def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape, attention=None, *,
+                        variants: bool = False) -> None:
+    """Check interventions against a model and a token batch on the host; ``ValueError`` names the field or
+    patch and the bound. Shapes, dtypes, removed-expert counts (at most ``E - top_k`` per layer, so top-k
+    never has to pick a removed expert), finite scales/biases, temperatures > 0, patch shapes (exact), masks,
+    finite patch values and forced expert ids. ``variants``: fields have a leading variant axis (stacked).
+    Value checks are skipped for traced values (inside ``jax.grad``/``jit``); shape checks never are."""
+    if not isinstance(iv, Interventions):
+        raise TypeError(f"interventions must be an Interventions, got {type(iv).__name__}")
+    L, E, H, k = cfg.num_layers, cfg.num_experts, cfg.num_q_heads, cfg.top_k
+    expected = {"expert_remove": (L, E), "expert_scale": (L, E), "head_scale": (L, H), "router_bias": (L, E),
+                "router_temperature": (L,), "renormalize": (L,)}
+    lead = 1 if variants else 0
+    n_var = None
+    for name, shape in expected.items():
+        value = getattr(iv, name)
+        got = tuple(np.shape(value))
+        if got[lead:] != shape or len(got) != len(shape) + lead:
+            raise ValueError(f"interventions.{name} has shape {got[lead:] if variants else got}, but the model "
+                             f"needs {shape}")
+        if variants:
+            if n_var is not None and got[0] != n_var:
+                raise ValueError(f"interventions.{name} has {got[0]} variants, others have {n_var}")
+            n_var = got[0]
+        is_bool = np.dtype(value.dtype) == np.bool_
+        if (name in _BOOL_FIELDS) != is_bool:
+            raise ValueError(f"interventions.{name} must be {'boolean' if name in _BOOL_FIELDS else 'float'}, "
+                             f"got dtype {value.dtype}")
+        _check_values(name, value, f"interventions.{name}")
+    removed = iv.expert_remove
+    if not _is_tracer(removed):
+        count = np.asarray(removed).sum(-1)  # [(variant,) layer]
+        if np.any(count > E - k):
+            where = np.argwhere(count > E - k)[0]
+            layer = int(where[-1])
+            raise ValueError(f"interventions remove {int(count[tuple(where)])} of {E} experts at layer {layer}"
+                             f"{f' (variant {int(where[0])})' if variants else ''}, but top_k={k} needs {k} left: "
+                             f"remove at most {E - k} per layer")
+    for name, pair in iv.patches.items():
+        if name not in REGISTRY:
+            raise unknown_hook_error(name)
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"interventions.patches[{name!r}] must be a (value, mask) pair")
+        value, mask = pair
+        _check_patch(name, value, mask, f"patch for {name}", n_layers=L, n_experts=E, lead=lead,
+                     expected=_hook_shape(name, cfg, token_shape, attention))
