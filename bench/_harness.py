@@ -13,7 +13,10 @@ self-contained):
 * compile time (trace + lower + compile) is measured apart from step time;
 * peak RSS is VmHWM, optionally reset via ``/proc/self/clear_refs`` before the measured region;
 * the **floor**: forward-pass matmul FLOPs / the rate of a 2048^3 fp32 GEMM timed interleaved in the
-  same rounds (same library, same thread pool, same machine load).
+  same rounds (same library, same thread pool, same machine load);
+* the **process settings** are those of the notebook kernels when a script is started through
+  ``scripts/env.sh`` (``bash scripts/env.sh .venv/bin/python bench/bench_forward.py``); importing this module
+  changes nothing, and a script started otherwise says so on stderr and measures glibc's defaults.
 """
 
 from __future__ import annotations
@@ -28,50 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 SEED = 0
 GEMM_REF = "_gemm_2048"
-
-
-def grokviz_runtime():
-    """grokviz/runtime.py loaded on its own (stdlib only), without importing the grokviz package, whose
-    __init__ imports jax: for the bench processes that must not load jax (the HF worker) and for the
-    re-execution below. None where grokviz is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("grokviz")  # locates the package, does not import it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "runtime.py")
-    rspec = importlib.util.spec_from_file_location("_bench_grokviz_runtime", path)
-    runtime = importlib.util.module_from_spec(rspec)
-    rspec.loader.exec_module(runtime)
-    return runtime
-
-
-def _reexec_with_hugetlb():
-    """Benchmarks run as scripts/lab.sh runs the kernels: glibc malloc with transparent huge pages (read at
-    process start only, see grokviz/runtime.py). A script started without it re-executes itself once with it;
-    GROKVIZ_BENCH_AS_IS=1 measures the process as started instead."""
-    if os.environ.get("GROKVIZ_BENCH_AS_IS") == "1" or os.environ.get("_GROKVIZ_BENCH_REEXEC") == "1":
-        return
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or __name__ == "__main__":
-        return
-    main = sys.modules.get("__main__")
-    if main is None or not getattr(main, "__file__", None) or "bench" not in os.path.basename(main.__file__):
-        return  # imported by something else than a bench script (tests, a notebook): leave the process alone
-    runtime = grokviz_runtime()
-    if runtime is None or runtime.hugetlb_active():
-        return
-    env = runtime.env_with_hugetlb(dict(os.environ, _GROKVIZ_BENCH_REEXEC="1"))
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, os.path.abspath(main.__file__)] + sys.argv[1:], env)
-
-
-_reexec_with_hugetlb()
 
 
 # --------------------------------------------------------------------------- configuration of record
@@ -390,7 +355,21 @@ def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     return "\n".join(out)
 
 
+def note_process_settings() -> bool:
+    """Whether this process was started with grokviz's malloc tunables (scripts/env.sh); prints a note to
+    stderr when not, since the numbers then are those of glibc's defaults."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    missing = [n for n in ("mmap_max", "trim_threshold", "top_pad", "hugetlb") if f"glibc.malloc.{n}=" not in tunables]
+    if missing:
+        print(f"# note: started without scripts/env.sh (GLIBC_TUNABLES={tunables!r}, no {', '.join(missing)}): "
+              "this measures glibc's default malloc, not the notebook kernels' settings. Run "
+              "`bash scripts/env.sh .venv/bin/python bench/SCRIPT.py` for those.", file=sys.stderr)
+    return not missing
+
+
 def base_argparser(desc: str) -> argparse.ArgumentParser:
+    """The options every bench script takes (and the process-settings note: see :func:`note_process_settings`)."""
+    note_process_settings()
     p = argparse.ArgumentParser(description=desc)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)

@@ -6,7 +6,7 @@ Configs: the golden tiny config (2 layers, D 64, batch 2 x 24) and a larger tiny
 random order per round, foreign-load filter); peak RSS of each mode is measured in a fresh subprocess so the
 modes do not share a high-water mark.
 
-Run:  .venv/bin/python bench/bench_capture.py [--reps 9]
+Run:  bash scripts/env.sh .venv/bin/python bench/bench_capture.py [--reps 9]
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ depth: compile time should stay nearly flat while step time grows linearly. Comp
 interleaved rounds (a fresh ``lower().compile()`` per round, depths in a random order each round); step
 times are interleaved as in bench_forward. ``--unroll`` adds the Python-unrolled program for contrast.
 
-Run:  .venv/bin/python bench/bench_depth.py [--depths 4,16,64] [--modes plain,routing_attn] [--reps 9]
+Run:  bash scripts/env.sh .venv/bin/python bench/bench_depth.py [--depths 4,16,64] [--modes plain,routing_attn]
+      [--reps 9]
 """
 
 from __future__ import annotations

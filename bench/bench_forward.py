@@ -14,7 +14,8 @@ Modes (each its own jitted program; compile time reported apart):
 floor = forward matmul FLOPs (q/k/v/o, causal QK^T + PV, router, the k selected experts, unembedding) / that
 rate. Each mode is reported as a multiple of the floor and of plain (same process, same rounds).
 
-Run:  .venv/bin/python bench/bench_forward.py [--shapes b4_t256,b1_t1024] [--reps 9] [--mem] [--json f]
+Run:  bash scripts/env.sh .venv/bin/python bench/bench_forward.py [--shapes b4_t256,b1_t1024] [--reps 9] [--mem]
+      [--json f]
 """
 
 from __future__ import annotations

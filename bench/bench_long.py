@@ -12,7 +12,7 @@ For reference the script prints what the full pattern of every layer would take 
 it is not run. Timing here is one forward after compile per process (median of ``--reps``), not interleaved:
 the long-context question is memory, and absolute times at this size are dominated by the T^2 attention.
 
-Run:  .venv/bin/python bench/bench_long.py [--seq 8192] [--variants plain,long] [--reps 3]
+Run:  bash scripts/env.sh .venv/bin/python bench/bench_long.py [--seq 8192] [--variants plain,long] [--reps 3]
 """
 
 from __future__ import annotations

@@ -34,11 +34,10 @@ OpenMP); measured before this change, that slowed grokviz by ~25% with a wide p2
 49 ms alone, 61 ms next to torch), an artefact no user sees. ``--same-process`` keeps the old method for
 comparison (default pause 0.05 s there).
 
-Malloc: importing grokviz tunes glibc malloc process-wide (``grokviz.runtime``: no mmap for big blocks, a
-2 GiB trim threshold, a 256 MiB top pad), and the scripts run with glibc's THP tunable (``_harness``). The
-HF worker applies the same ``tune_malloc()`` before it imports torch (``_harness.grokviz_runtime``: the
-module on its own, so no jax), so both frameworks run with the same allocator settings; the header prints
-what each worker applied.
+Malloc: started through ``scripts/env.sh`` (``bash scripts/env.sh .venv/bin/python bench/bench_peers.py``),
+the coordinator has grokviz's glibc malloc tunables (``grokviz.runtime``: no mmap for big blocks, a 2 GiB trim
+threshold, a 256 MiB top pad, transparent huge pages) and both workers inherit them, so both frameworks run
+with the same allocator settings; the header prints the GLIBC_TUNABLES each worker started with.
 
 ``--pause`` (sleep before each timed call, outside the timed region; default 0.02 s): the workers still
 share the machine's cores, and torch's OpenMP threads keep spinning for ~5-10 ms after an HF call (XLA's
@@ -104,12 +103,12 @@ class GrokvizWorker(_WorkerBase):
     """grokviz (jax) modes and the jax GEMM reference; never imports torch."""
 
     def __init__(self):
-        import grokviz  # tunes malloc before jax is imported (grokviz/__init__.py)
-        import grokviz.runtime
         import jax
 
+        import grokviz  # noqa: F401  (imported before it is timed)
+
         self.jax, self.fns, self.ref = jax, {}, None
-        self.malloc = grokviz.runtime.MALLOC_STATUS
+        self.malloc = os.environ.get("GLIBC_TUNABLES", "")  # inherited from the coordinator
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "jax": self.jax.__version__, "backend": self.jax.default_backend(),
@@ -136,11 +135,10 @@ class GrokvizWorker(_WorkerBase):
 
 
 class HFWorker(_WorkerBase):
-    """The two HF Mixtral modes; never imports jax. Malloc is tuned as grokviz does before torch loads."""
+    """The two HF Mixtral modes; never imports jax. Malloc: the tunables inherited from the coordinator."""
 
     def __init__(self):
-        runtime = H.grokviz_runtime()  # grokviz.runtime without the package (and so without jax)
-        self.malloc = runtime.tune_malloc() if runtime else "grokviz not found: malloc left alone"
+        self.malloc = os.environ.get("GLIBC_TUNABLES", "")
         import torch
         import transformers
 
@@ -366,7 +364,6 @@ def run_same_process(args) -> None:
         print(f"# bench_peers skipped: torch/transformers not importable ({e}); see the module docstring")
         return
     import jax
-
     from bench_forward import make_fn, setup
 
     print(f"# grokviz bench_peers  {H.env_info() | {'torch_threads': torch.get_num_threads()}}  method: same "
@@ -382,14 +379,14 @@ def run_same_process(args) -> None:
         for m in GROKVIZ_MODES:
             fns[f"grokviz:{m}"], info[f"grokviz:{m}"] = make_fn(cfg, params, toks, m)
 
-        def hf_run(model, **kw):
+        def hf_run(model, ids, **kw):
             def f():
                 with torch.inference_mode():
                     return model(ids, use_cache=False, **kw)
             return f
 
-        fns["hf:sdpa_plain"] = hf_run(hf["sdpa"])
-        fns["hf:eager_router_attn"] = hf_run(hf["eager"], output_router_logits=True, output_attentions=True)
+        fns["hf:sdpa_plain"] = hf_run(hf["sdpa"], ids)
+        fns["hf:eager_router_attn"] = hf_run(hf["eager"], ids, output_router_logits=True, output_attentions=True)
         ref = H.gemm_ref_fn("jax")
         fns[H.GEMM_REF] = ref
         times, meta = H.bench_interleaved(fns, args.warmup, args.reps, args.max_foreign, verbose=args.verbose,
@@ -400,11 +397,9 @@ def run_same_process(args) -> None:
         metas[shape] = meta
         print(f"# {shape}: {meta}", flush=True)
     print(H.markdown_table(all_rows, COLS))
-    import grokviz.runtime
-
     print(f"# torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
-          f"threads), transformers {transformers.__version__}, jax {jax.__version__}; malloc (process-wide, set "
-          f"when grokviz was first imported) {grokviz.runtime.MALLOC_STATUS}; loadavg end {os.getloadavg()}")
+          f"threads), transformers {transformers.__version__}, jax {jax.__version__}; malloc (process-wide) "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; loadavg end {os.getloadavg()}")
     H.write_json(args.json, {"meta": metas, "rows": all_rows, "env": H.env_info(), "method": "same-process",
                              "pause_s": args.pause})
 

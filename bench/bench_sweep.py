@@ -9,7 +9,7 @@ Tokens: 4 x 128 random ids (no padding), seed 0. Both modes are compiled before 
 a new random order each round, with the foreign-load filter of ``_harness.py``; medians and the ratio come from
 the same run. Target: sweep / separate < 0.6.
 
-Run:  .venv/bin/python bench/bench_sweep.py [--kind expert|head] [--batch 4] [--seq 128] [--reps 5]
+Run:  bash scripts/env.sh .venv/bin/python bench/bench_sweep.py [--kind expert|head] [--batch 4] [--seq 128] [--reps 5]
 """
 
 from __future__ import annotations

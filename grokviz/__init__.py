@@ -3,10 +3,6 @@
 Importing grokviz never imports plotly or ipywidgets (those live in ``grokviz.viz``).
 """
 
-from .runtime import tune_malloc as _tune_malloc
-
-_tune_malloc()  # before any XLA buffer exists: see grokviz.runtime (GROKVIZ_MALLOC_TUNING=0 turns it off)
-
 from .api import Model as Model, Run as Run, validate_tokens as validate_tokens
 from .cache import ActivationCache as ActivationCache
 from .checkpoint import params_from_reference as params_from_reference

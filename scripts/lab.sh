@@ -3,9 +3,10 @@
 # Extra arguments go to jupyter lab, e.g. `bash scripts/lab.sh --no-browser --port 8899`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the venv, grokviz[viz,dev], and the venv's "python3" kernelspec (the notebooks' kernel) with the malloc tunables
 bash scripts/setup-venv.sh
-# Transparent huge pages for malloc: XLA's big buffers are otherwise page-faulted 4 KiB at a time on every
-# call (grokviz/runtime.py: 1x1024 forward with attention patterns 127 -> 83 ms). Kernels inherit it.
+# glibc malloc tunables for the server too: XLA's big buffers are otherwise mapped and page-faulted afresh on
+# every call (grokviz/runtime.py: 1x1024 forward with attention patterns 128 -> 84 ms)
 source scripts/env.sh
 extra=()
 [ "$(id -u)" = 0 ] && extra+=(--allow-root)   # jupyter refuses to run as root without it

@@ -7,5 +7,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } \
     || echo "warning: could not install chromium; tests/test_browser.py will be skipped" >&2
 fi
-source scripts/env.sh  # THP-backed malloc, as scripts/lab.sh runs the kernels
+source scripts/env.sh  # the malloc tunables the notebook kernels run with (grokviz/runtime.py)
 exec .venv/bin/python -m pytest "$@"
