@@ -5,9 +5,16 @@
     grokviz inspect PATH [--plan] [--devices 8 | --mesh 1x8] [--dtype int8]
     grokviz inspect --plan grok-1 --devices 8 --dtype int8      # plan for a preset, no checkpoint needed
     grokviz convert SRC DST [--config JSON] [--overwrite] [--shard-gb 4]
-    grokviz verify PATH [--manifest FILE]
-    grokviz manifest PATH [-o FILE]
+    grokviz verify PATH [--manifest FILE] [--config JSON]
+    grokviz manifest PATH [--write | -o FILE]
     grokviz train ...                                           # see grokviz.train
+
+A converted checkpoint verifies against its own index (SHA-256 and size of every file). The release format
+records no hashes and cannot itself detect two same-shaped tensors swapped between files (each pickle holds only
+its array): ``grokviz manifest PATH --write`` records ``MANIFEST.sha256`` next to ``ckpt-0/`` on a trusted copy,
+and ``grokviz verify`` / ``gv.load(..., verify=True)`` check against it later. Without a manifest, ``verify
+--config`` can still check a release's file set, sizes and tensor shapes against a config; with neither there is
+nothing to verify against and ``verify`` fails.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import sys
 from pathlib import Path
 
 PRESETS = {"grok-1": "grok1", "grok1": "grok1", "tiny": "tiny"}
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def _mesh_shape(args) -> tuple[int, int]:
@@ -78,36 +86,53 @@ def cmd_convert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint.converted import is_converted, verify
-    from .checkpoint.manifest import verify_release
-    from .checkpoint.release import is_release, scan_release
+    from .checkpoint.converted import is_converted, read_index, verify
+    from .checkpoint.manifest import NoManifestError, find_manifest, verify_release
+    from .checkpoint.release import is_release, iter_release
 
     if is_converted(args.path):
         ok = verify(args.path)
-        print(f"OK: {len(ok)} files match their recorded SHA-256")
+        wm = read_index(args.path)["weight_map"]
+        print(f"OK: {len(ok)} files match their recorded SHA-256 and size: {', '.join(ok)}")
+        print(f"OK: {len(set(wm.values()))} shard(s) hold exactly the {len(wm)} tensors the index names")
         return 0
-    if is_release(args.path):
+    if not is_release(args.path):
+        print(f"grokviz verify: error: {args.path}: not a checkpoint (no {INDEX_NAME}, no ckpt-0/tensor*_000)",
+              file=sys.stderr)
+        return 2
+    missing_manifest = None
+    try:
         got = verify_release(args.path, args.manifest)
-        if got:
-            print(f"OK: {len(got)} files match the manifest")
-        else:
-            print("no manifest found (MANIFEST.sha256, or --manifest FILE); checked file set and sizes only")
-        if args.config:
-            from .checkpoint.config_io import as_config
+        print(f"OK: {len(got)} files match {args.manifest or find_manifest(args.path)}")
+    except NoManifestError as e:
+        missing_manifest = str(e)
+    if args.config:
+        from .checkpoint.config_io import as_config
 
-            scan_release(args.path, as_config(args.config))
-            print("OK: file set and sizes fit the config")
-        return 0
-    print(f"{args.path}: not a checkpoint", file=sys.stderr)
-    return 2
+        cfg = as_config(args.config)
+        n = sum(1 for _ in iter_release(args.path, cfg, progress=not args.quiet))
+        print(f"OK: all {n} tensor files present, sized and read with the shapes config {cfg.name!r} expects")
+    if missing_manifest is not None:
+        if not args.config:
+            print(f"grokviz verify: error: {missing_manifest}; or pass --config JSON to check the file set, sizes "
+                  f"and shapes", file=sys.stderr)
+            return 1
+        print("no manifest: contents were not checked against recorded hashes (a changed value, or two "
+              "same-shaped tensors swapped between files, would pass)")
+    return 0
 
 
 def cmd_manifest(args) -> int:
-    from .checkpoint.manifest import format_manifest, manifest
+    from .checkpoint.fsutil import write_file_atomic
+    from .checkpoint.manifest import format_manifest, manifest, write_manifest
 
+    if args.write:
+        out = write_manifest(args.path, progress=not args.quiet)
+        print(f"wrote {out}")
+        return 0
     text = format_manifest(manifest(args.path, progress=not args.quiet))
     if args.output:
-        Path(args.output).write_text(text)
+        write_file_atomic(Path(args.output), text.encode())
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
@@ -136,15 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("verify", help="check every file against its recorded SHA-256")
+    s = sub.add_parser("verify", help="check every file against its recorded SHA-256 (converted: the index; "
+                       "release: MANIFEST.sha256 next to ckpt-0/, see `manifest --write`)",
+                       description="Converted checkpoints verify against their index, which must cover every file. "
+                       "A release verifies against a sha256sum-style manifest, which must cover every tensor file; "
+                       "the release format itself cannot detect same-shaped tensors swapped between files, only a "
+                       "manifest recorded on a trusted copy can. With no manifest, --config checks the file set, "
+                       "sizes and shapes; with neither, verify fails.")
     s.add_argument("path")
-    s.add_argument("--manifest", help="sha256sum-style manifest for a release directory")
-    s.add_argument("--config", help="also check a release's file set and sizes against this config")
+    s.add_argument("--manifest", help="sha256sum-style manifest for a release directory (entries relative to the "
+                   "folder holding ckpt-0/)")
+    s.add_argument("--config", help="config JSON (file or string): also read every release tensor file and check "
+                   "the file set, sizes and shapes against it")
+    s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("manifest", help="SHA-256 of every file (sha256sum format)")
+    s = sub.add_parser("manifest", help="SHA-256 of every file (sha256sum format); --write records "
+                       "MANIFEST.sha256 next to ckpt-0/",
+                       description="Hash every file of a folder in sha256sum format. The release format cannot "
+                       "itself detect two same-shaped tensors swapped between files; a manifest recorded on a "
+                       "trusted copy (--write) lets `grokviz verify` and gv.load(..., verify=True) detect it later.")
     s.add_argument("path")
-    s.add_argument("-o", "--output")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--write", action="store_true", help="record MANIFEST.sha256 next to ckpt-0/ (atomically)")
+    out.add_argument("-o", "--output", help="write the manifest to this file (atomically)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_manifest)
     return p

@@ -37,7 +37,12 @@ def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=jn
          progress: bool = True, tokenizer=None) -> Model:
     """Load a model (see the module docstring). ``tokenizer``: a path or Tokenizer; default: a ``tokenizer.model``
     found next to the checkpoint; ``False`` for none. ``verify``: check file hashes first (converted format:
-    against the index; release format: against a ``MANIFEST.sha256`` in the directory, if present)."""
+    against the index, which must cover every file; release format: against a ``MANIFEST.sha256`` next to
+    ``ckpt-0/``, as ``grokviz manifest PATH --write`` records it; without one, verification fails).
+
+    Every tensor is checked against the config's exact shape as it is read (never broadcast), and nothing in
+    the files is executed (the release's pickles go through an allow-list unpickler; the converted format is
+    JSON and raw bytes, memory-mapped read-only). Loading writes nothing to the checkpoint folder."""
     if isinstance(path_or_name, str) and path_or_name == "tiny":
         from .tiny import load_tiny
 
@@ -55,18 +60,18 @@ def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=jn
         if verify:
             cv.verify(path)
         cfg = cv.read_config(path) if config is None else as_config(config)
-        stream = cv.iter_converted(path, progress=progress)
+        stream = cv.iter_converted(path, progress=progress, with_source=True)
         found = path / cv.TOKENIZER if (path / cv.TOKENIZER).is_file() else None
     elif rl.is_release(path):
         cfg = resolve_release_config(path, config)
         if verify:
             verify_release(path)
-        stream = ((e.name, e.layer, v) for e, v in rl.iter_release(path, cfg, progress=progress))
+        stream = ((e.name, e.layer, v, str(e.file)) for e, v in rl.iter_release(path, cfg, progress=progress))
         found = cv.find_sibling_tokenizer(rl.release_dir(path))
     else:
         raise ValueError(f"{path}: neither a converted grokviz checkpoint ({cv.INDEX}) nor a release checkpoint "
                          f"(ckpt-0/tensor00000_000 ...)")
     asm = ParamAssembler(cfg, dtype=dtype, quantized=quantized, mesh=mesh)
-    for name, layer, value in stream:
-        asm.put(name, layer, value, where=str(path))
+    for name, layer, value, where in stream:
+        asm.put(name, layer, value, where=where)
     return Model(cfg, asm.finish(), _tokenizer(tokenizer, found))

@@ -181,7 +181,7 @@ def test_manifest_and_release_verify(tmp_path, capsys):
     rel = tmp_path / "rel"
     shutil.copytree(CKPT, rel)
     (rel / MANIFEST_NAME).write_text(out)  # as a user would with published checksums (sha256sum format)
-    assert len(verify_release(rel)) == 27  # 26 tensors + the manifest itself
+    assert len(verify_release(rel)) == 26  # the 26 tensor files it lists
     p = rel / "ckpt-0" / "tensor00004_000"
     p.write_bytes(p.read_bytes()[:-1] + b"\x00")
     with pytest.raises(CheckpointError, match=r"ckpt-0/tensor00004_000: sha256"):
@@ -233,3 +233,213 @@ def test_cli_train_delegates(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "grokviz.train", None)  # import fails
     assert cli.main(["train"]) == 2
     assert "grokviz train is not available" in capsys.readouterr().err
+
+
+# --- crash leftovers, the overwrite swap, permissions ------------------------------------------------------
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def small_stream(golden, fail_after=None):
+    cfg, params, _ = golden
+    for i, item in enumerate(cv.params_tensors(params, cfg)):
+        if fail_after is not None and i == fail_after:
+            raise RuntimeError("simulated crash inside the tensor stream")
+        yield item
+
+
+def test_crash_in_the_stream_during_overwrite_keeps_the_old_checkpoint(tmp_path, golden):
+    cfg = golden[0]
+    dst = cv.write_checkpoint(tmp_path / "out", cfg, small_stream(golden))
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cv.write_checkpoint(dst, cfg, small_stream(golden, fail_after=7), overwrite=True, max_shard_bytes=50_000)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_killed_runs_leave_nothing_behind_after_the_next_write(tmp_path, golden):
+    cfg, dead = golden[0], dead_pid()
+    stale = [tmp_path / f".out.tmp-{dead}-abc123_x", tmp_path / f".out.old-{dead}-zz9"]
+    alive = tmp_path / f".out.tmp-{os.getpid()}-inprogress"  # a concurrent write of this process: kept
+    other = tmp_path / f".other.tmp-{dead}-abc"                # another destination's: kept
+    lookalike = tmp_path / f".out.tmp-{dead}-a.b"              # not a name we make: kept
+    for d in [*stale, alive, other, lookalike]:
+        d.mkdir()
+        (d / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "out").mkdir()  # dst exists, so the .old- backup is garbage, not something to restore
+    with pytest.warns(UserWarning, match=rf"removed \.out\.tmp-{dead}-abc123_x"):
+        cv.write_checkpoint(tmp_path / "out", cfg, small_stream(golden), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", alive.name, other.name, lookalike.name])
+    assert cv.verify(tmp_path / "out")
+
+
+def test_an_overwrite_killed_mid_swap_is_restored(tmp_path, golden):
+    cfg, dead = golden[0], dead_pid()
+    old = cv.write_checkpoint(tmp_path / "v1", cfg, small_stream(golden))
+    # the state a kill between "old -> backup" and "new -> dst" leaves: no dst, the backup, the new temp folder
+    os.rename(old, tmp_path / f".out.old-{dead}-k1ll3d")
+    (tmp_path / f".out.tmp-{dead}-n3w").mkdir()
+    with pytest.warns(UserWarning, match=r"restored .*out from \.out\.old-"):
+        with pytest.raises(FileExistsError):
+            cv.write_checkpoint(tmp_path / "out", cfg, small_stream(golden))
+    assert sorted(os.listdir(tmp_path)) == ["out"] and cv.verify(tmp_path / "out")
+
+
+def test_a_failing_swap_puts_the_old_checkpoint_back(tmp_path, golden, monkeypatch):
+    from grokviz.checkpoint import fsutil
+
+    cfg = golden[0]
+    dst = cv.write_checkpoint(tmp_path / "out", cfg, small_stream(golden))
+    before = (dst / cv.INDEX).read_text()
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)  # no atomic exchange: the two-rename path
+    real = os.rename
+
+    def flaky(a, b):
+        if Path(b) == dst and ".tmp-" in Path(a).name:
+            raise OSError("simulated failure renaming the new folder into place")
+        return real(a, b)
+
+    monkeypatch.setattr(fsutil.os, "rename", flaky)
+    with pytest.raises(OSError, match="simulated failure"):
+        cv.write_checkpoint(dst, cfg, small_stream(golden), overwrite=True, max_shard_bytes=50_000)
+    assert (dst / cv.INDEX).read_text() == before and os.listdir(tmp_path) == ["out"]
+    monkeypatch.setattr(fsutil.os, "rename", real)
+    cv.write_checkpoint(dst, cfg, small_stream(golden), overwrite=True, max_shard_bytes=50_000)
+    assert len(cv.read_index(dst)["files"]) > 2 and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_the_folder_gets_the_umask_permissions(tmp_path, golden, umask, mode):
+    old = os.umask(umask)
+    try:
+        dst = cv.write_checkpoint(tmp_path / "out", golden[0], small_stream(golden))
+    finally:
+        os.umask(old)
+    assert dst.stat().st_mode & 0o777 == mode
+    assert (dst / cv.CONFIG).stat().st_mode & 0o777 == mode & 0o666
+
+
+# --- verify: full coverage, paths confined to the folder ---------------------------------------------------
+
+@pytest.fixture
+def small(tmp_path, golden):
+    return cv.write_checkpoint(tmp_path / "ck", golden[0], small_stream(golden), max_shard_bytes=800_000)
+
+
+def edit_index(path, fn):
+    index = json.loads((path / cv.INDEX).read_text())
+    fn(index)
+    (path / cv.INDEX).write_text(json.dumps(index))
+
+
+def test_verify_reports_what_it_matched(small):
+    ok = cv.verify(small)
+    assert sorted(ok) == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert cli.main(["verify", str(small)]) == 0
+
+
+def test_verify_refuses_an_index_that_covers_nothing(small):
+    edit_index(small, lambda i: i.update(files={}))
+    with pytest.raises(cv.ConvertedCheckpointError, match=r"(?s)model-00001-of-00002.safetensors: shard named in the "
+                                                          r"weight_map but not in files.*config\.json: not in files"):
+        cv.verify(small)
+
+
+def test_verify_refuses_an_index_without_a_shard(small):
+    edit_index(small, lambda i: i["files"].pop("model-00002-of-00002.safetensors"))
+    with pytest.raises(cv.ConvertedCheckpointError, match=r"model-00002-of-00002.safetensors: shard named in the "
+                                                          r"weight_map but not in files"):
+        cv.verify(small)
+    assert cli.main(["verify", str(small)]) == 1
+
+
+def test_verify_refuses_uncovered_files_of_the_format(small):
+    (small / "model-00003-of-00002.safetensors").write_bytes(b"extra")
+    with pytest.raises(cv.ConvertedCheckpointError, match=r"model-00003-of-00002.safetensors: present in the folder "
+                                                          r"but not in the index"):
+        cv.verify(small)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.safetensors", "sub/../../outside.safetensors"])
+def test_index_paths_outside_the_folder_are_refused(small, name):
+    def point(i):
+        i["files"][name] = {"sha256": "0" * 64, "bytes": 1}
+
+    edit_index(small, point)
+    with pytest.raises(cv.ConvertedCheckpointError, match="outside the checkpoint folder"):
+        cv.verify(small)
+    edit_index(small, lambda i: (i["files"].pop(name), i["weight_map"].update(embed=name)))
+    with pytest.raises(cv.ConvertedCheckpointError, match="outside the checkpoint folder"):
+        gv.load(small, progress=False)
+
+
+def test_symlinks_escaping_the_folder_are_refused(small, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(small / "model-00002-of-00002.safetensors", outside)
+    (small / "model-00002-of-00002.safetensors").symlink_to(outside)
+    with pytest.raises(cv.ConvertedCheckpointError, match="resolves to .*elsewhere.safetensors, outside the "
+                                                          "checkpoint folder"):
+        gv.load(small, verify=True, progress=False)
+
+
+def test_loading_writes_nothing_and_maps_read_only(small):
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in small.iterdir()}
+    gv.load(small, verify=True, progress=False)
+    arr = next(v for n, _, v in cv.iter_converted(small, progress=False) if n == "embed")
+    with pytest.raises(ValueError):
+        arr[0, 0] = 1.0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in small.iterdir()} == before
+
+
+# --- release manifests: coverage ----------------------------------------------------------------------------
+
+@pytest.fixture
+def rel(tmp_path):
+    d = tmp_path / "rel"
+    shutil.copytree(CKPT, d)
+    return d
+
+
+def test_release_verify_needs_a_manifest(rel, tmp_path):
+    from grokviz.checkpoint.manifest import NoManifestError
+
+    with pytest.raises(NoManifestError, match="nothing to verify the release against"):
+        verify_release(rel)
+    with pytest.raises(NoManifestError):
+        gv.load(rel, config=tmp_config(tmp_path), verify=True, progress=False)
+
+
+def test_an_empty_release_manifest_is_not_ok(rel):
+    (rel / MANIFEST_NAME).write_text("")
+    with pytest.raises(CheckpointError, match="lists no files"):
+        verify_release(rel)
+
+
+def test_a_release_manifest_must_cover_every_tensor_file(rel):
+    from grokviz.checkpoint.manifest import format_manifest, manifest
+
+    m = manifest(rel)
+    del m["ckpt-0/tensor00007_000"]
+    (rel / MANIFEST_NAME).write_text(format_manifest(m))
+    with pytest.raises(CheckpointError, match=r"tensor00007_000: present but not in the manifest"):
+        verify_release(rel)
+
+
+def test_release_manifest_paths_stay_inside(rel):
+    from grokviz.checkpoint.manifest import format_manifest, manifest
+
+    m = manifest(rel)
+    m["../../etc/hostname"] = "0" * 64
+    (rel / MANIFEST_NAME).write_text(format_manifest(m))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        verify_release(rel)
+    (rel / MANIFEST_NAME).write_text("not a manifest line\n")
+    with pytest.raises(CheckpointError, match="line 1 is not"):
+        verify_release(rel)

@@ -2,7 +2,10 @@
 
 Every loader (release pickles, converted safetensors) streams tensors one at a time into a
 :class:`ParamAssembler`, which stacks per-layer tensors into their ``[layer, ...]`` buffers (on the host, or
-straight onto their shards of a mesh) and checks that every (parameter, layer) arrived exactly once.
+straight onto their shards of a mesh) and checks that every (parameter, layer) arrived exactly once, with exactly
+the shape the config expects (a tensor is never broadcast into its buffer) and a dtype its role allows (int8
+weights with float scales, float plain tensors). Errors name the source (file and tensor), the got and the
+expected.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ..config import GrokConfig
 from ..params import Int8Weight, shapes_dict
 from ..sharding import TOP_LEVEL, base_spec, fit_spec
-from .release import dequantize_np
+from .release import CheckpointError, dequantize_np
+
+
+def _is_float(dt) -> bool:
+    dt = np.dtype(dt)
+    return np.issubdtype(dt, np.floating) or dt == np.dtype(jnp.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +56,9 @@ class _Stack:
         self.filled = set()
 
     def put(self, layer: int, value: np.ndarray):
+        if tuple(value.shape) != self.shape[1:]:  # the caller checks; never let numpy broadcast
+            raise CheckpointError(f"{self.name} layer {layer}: shape {tuple(value.shape)}, buffer expects "
+                                  f"{self.shape[1:]}")
         if self.mesh is None:
             self.buf[layer] = value
         else:
@@ -75,16 +86,64 @@ class ParamAssembler:
         self.stacks: dict[str, object] = {}
         self.kind: dict[str, tuple] = {}
 
-    def _place_top(self, name, value):
-        value = np.asarray(value).astype(self.dtype)
+    def _place(self, name, value):
         if self.mesh is None:
             return jnp.asarray(value)
         return jax.device_put(value, NamedSharding(self.mesh, fit_spec(base_spec(name), value.shape, self.mesh)))
 
+    def _place_top(self, name, value):
+        if isinstance(value, Int8Weight):
+            return Int8Weight(weight=self._place(name, np.asarray(value.weight)),
+                              scales=self._place(name, np.asarray(value.scales)))
+        return self._place(name, np.asarray(value).astype(self.dtype))
+
+    def _check(self, name: str, layer, value, where: str):
+        """Exact shape (and dtype role) of one tensor against the config; raises naming source, got, expected."""
+        src = f"{where}: " if where else ""
+        if name in TOP_LEVEL:
+            if layer is not None:
+                raise CheckpointError(f"{src}{name} is a top-level parameter but came with layer {layer}")
+            want = tuple(self.shapes[name])
+        elif name in self.shapes["blocks"]:
+            L = self.cfg.num_layers
+            if layer is None or not 0 <= layer < L:
+                raise CheckpointError(f"{src}{name} layer {layer} is outside the config's layers 0..{L - 1}")
+            want = tuple(self.shapes["blocks"][name][1:])
+        else:
+            known = [*TOP_LEVEL, *self.shapes["blocks"]]
+            raise CheckpointError(f"{src}unknown parameter {name!r} (known: {', '.join(known)})")
+        label = name if layer is None else f"{name} layer {layer}"
+        if isinstance(value, Int8Weight):
+            w, sc = value.weight, value.scales
+            if tuple(w.shape) != want:
+                raise CheckpointError(f"{src}{label}: int8 weight has shape {tuple(w.shape)}, config "
+                                      f"{self.cfg.name!r} expects {want}")
+            if np.dtype(w.dtype) != np.int8:
+                raise CheckpointError(f"{src}{label}: quantised weight has dtype {np.dtype(w.dtype)}, expected int8")
+            if not _is_float(sc.dtype):
+                raise CheckpointError(f"{src}{label}: quantisation scales have dtype {np.dtype(sc.dtype)}, "
+                                      f"expected a float type")
+            ok = (len(want) >= 2 and sc.ndim == len(want) and tuple(sc.shape[:-2]) == want[:-2]
+                  and sc.shape[-1] == want[-1] and sc.shape[-2] > 0 and want[-2] % sc.shape[-2] == 0)
+            if not ok:
+                raise CheckpointError(f"{src}{label}: scales of shape {tuple(sc.shape)} do not fit an int8 weight "
+                                      f"of shape {want} (expected [..., blocks, {want[-1] if want else '?'}] with "
+                                      f"blocks dividing {want[-2] if len(want) >= 2 else '?'})")
+            return
+        shape = tuple(getattr(value, "shape", ()))
+        if shape != want:
+            raise CheckpointError(f"{src}{label}: shape {shape}, config {self.cfg.name!r} expects {want}")
+        dt = np.dtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype)
+        if not _is_float(dt):
+            raise CheckpointError(f"{src}{label}: dtype {dt}, expected a float type")
+
     def put(self, name: str, layer: int | None, value, where: str = ""):
+        self._check(name, layer, value, where)
         if isinstance(value, Int8Weight) and not self.quantized:
             value = dequantize_np(value, np.float32)
         if layer is None:
+            if name in self.top:
+                raise CheckpointError(f"{where}: {name} arrived twice")
             self.top[name] = self._place_top(name, value)
             return
         L = self.cfg.num_layers
@@ -100,29 +159,32 @@ class ParamAssembler:
             else:
                 self.stacks[name] = _Stack(name, (L, *value.shape), self.dtype, self.mesh)
         elif self.kind[name] != kind:
-            raise ValueError(f"{where}: {name} layer {layer} is stored as {kind} but earlier layers as "
-                             f"{self.kind[name]}; all layers of a parameter must be stored alike")
+            raise CheckpointError(f"{where}: {name} layer {layer} is stored as {kind} but earlier layers as "
+                                  f"{self.kind[name]}; all layers of a parameter must be stored alike")
+        st = self.stacks[name]
+        if layer in (st[0] if isinstance(st, tuple) else st).filled:
+            raise CheckpointError(f"{where}: {name} layer {layer} arrived twice")
         if kind[0] == "int8":
-            self.stacks[name][0].put(layer, value.weight)
-            self.stacks[name][1].put(layer, value.scales)
+            st[0].put(layer, value.weight)
+            st[1].put(layer, value.scales)
         else:
-            self.stacks[name].put(layer, np.asarray(value).astype(self.dtype))
+            st.put(layer, np.asarray(value).astype(self.dtype))
 
     def finish(self) -> dict:
         blocks = {}
         for name in self.shapes["blocks"]:
             if name not in self.stacks:
-                raise ValueError(f"parameter {name!r} was never loaded")
+                raise CheckpointError(f"parameter {name!r} was never loaded")
             st = self.stacks[name]
             first = st[0] if isinstance(st, tuple) else st
             missing = sorted(set(range(self.cfg.num_layers)) - first.filled)
             if missing:
-                raise ValueError(f"parameter {name!r} is missing layers {missing}")
+                raise CheckpointError(f"parameter {name!r} is missing layers {missing}")
             blocks[name] = (Int8Weight(weight=st[0].finish(), scales=st[1].finish()) if isinstance(st, tuple)
                             else st.finish())
         for name in TOP_LEVEL:
             if name not in self.top:
-                raise ValueError(f"parameter {name!r} was never loaded")
+                raise CheckpointError(f"parameter {name!r} was never loaded")
         return {"embed": self.top["embed"], "final_norm": self.top["final_norm"], "blocks": blocks}
 
 

@@ -9,9 +9,16 @@ Layout of a converted directory::
                                       ``layers.{i}.{leaf}.weight`` (int8) + ``layers.{i}.{leaf}.scales``
     tokenizer.model                   (if the source had one next to it)
 
-Writes are atomic: everything goes to a temporary sibling directory that is renamed onto the destination only
-when complete (``os.replace``), so an interrupted conversion leaves no partial output under the destination name.
-Reading memory-maps each shard (``np.memmap``); nothing is copied until a tensor is placed on a device.
+Writes are atomic (:mod:`.fsutil`): everything goes to a hidden temporary sibling that is put in place only when
+complete; an existing destination is kept until the new one replaces it, and what a killed run leaves behind is
+cleaned up (or, for an interrupted overwrite, restored) by the next write of the same destination. The folder
+gets the permissions the umask allows.
+
+Reading trusts nothing in the files: the index's file names must stay inside the folder, every safetensors
+header is validated against its byte ranges, and every tensor's shape is checked against the config when it is
+assembled. Reading memory-maps each shard (``np.memmap``, read-only); nothing is copied until a tensor is placed
+on a device. :func:`verify` additionally checks every file's SHA-256 and that the index covers every file of
+the format present in the folder.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,9 +33,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..config import GrokConfig
-from ..params import Int8Weight
+from ..params import Int8Weight, validate_params
+from . import fsutil
 from .config_io import FORMAT, config_from_json, config_to_json, resolve_release_config
-from .safetensors_io import SafetensorsError, _ShardWriter, memmap_tensor, read_safetensors_header, sha256_file
+from .safetensors_io import ConvertedCheckpointError, _ShardWriter, memmap_tensor, read_safetensors_header, sha256_file
 
 VERSION = 1
 INDEX = "model.safetensors.index.json"
@@ -37,9 +44,8 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 DEFAULT_SHARD_BYTES = 4 << 30
 
-
-#: a converted checkpoint that is incomplete, inconsistent or fails its hashes (the message names the file)
-ConvertedCheckpointError = SafetensorsError
+__all__ = ["ConvertedCheckpointError", "convert", "inspect", "is_converted", "iter_converted", "read_config",
+           "read_index", "save", "verify", "write_checkpoint"]
 
 
 # --- tensor naming -----------------------------------------------------------------------------------------
@@ -70,19 +76,23 @@ def write_checkpoint(dst, cfg: GrokConfig, tensors: Iterable[tuple[str, int | No
                      overwrite: bool = False, header_reserve: int = 64 << 10) -> Path:
     """Write ``(name, layer, value)`` tensors (consumed one at a time) as a converted checkpoint at ``dst``.
 
-    Atomic: written into a temporary sibling directory, hashed, then renamed onto ``dst``.
+    Atomic (see the module docstring): a crash at any point leaves ``dst`` as it was (absent, or the previous
+    checkpoint), and the next call for the same ``dst`` removes the crashed run's hidden temporary folder.
     """
     dst = Path(dst).resolve()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    fsutil.recover(dst)
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    tmp = fsutil.new_temp_dir(dst)
+    cur = None
     try:
         shards: list[tuple[str, _ShardWriter]] = []
         weight_map: dict[str, int] = {}
-        cur = None
         for name, layer, value in tensors:
             for key, arr in tensor_items(name, layer, value):
+                if key in weight_map:
+                    raise ValueError(f"{dst}: tensor {key} was given twice")
                 if cur is None or (cur.offset and cur.offset + arr.nbytes > max_shard_bytes) or not cur.fits(key, arr):
                     if cur is not None:
                         cur.close()
@@ -108,16 +118,10 @@ def write_checkpoint(dst, cfg: GrokConfig, tensors: Iterable[tuple[str, int | No
                  "weight_map": {k: names[i] for k, i in weight_map.items()},
                  "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
         _write_json(tmp / INDEX, index)
-        _fsync_dir(tmp)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsutil.publish_dir(tmp, dst, overwrite=overwrite)
     except BaseException:
+        if cur is not None:
+            cur.f.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
@@ -131,23 +135,14 @@ def _write_json(path: Path, obj):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def params_tensors(params, cfg: GrokConfig) -> Iterator[tuple[str, int | None, object]]:
-    """(name, layer, value) of an in-memory grokviz param pytree, one layer slice at a time."""
-    yield "embed", None, np.asarray(params["embed"])
-    yield "final_norm", None, np.asarray(params["final_norm"])
+    """(name, layer, value) of an in-memory grokviz param pytree (checked against ``cfg`` first), one layer
+    slice at a time; :class:`Int8Weight` leaves (top-level or stacked) stay int8 + scales."""
+    validate_params(params, cfg)
+    for name in ("embed", "final_norm"):
+        leaf = params[name]
+        yield name, None, (Int8Weight(np.asarray(leaf.weight), np.asarray(leaf.scales))
+                           if isinstance(leaf, Int8Weight) else np.asarray(leaf))
     for layer in range(cfg.num_layers):
         for name, leaf in params["blocks"].items():
             if isinstance(leaf, Int8Weight):
@@ -157,13 +152,17 @@ def params_tensors(params, cfg: GrokConfig) -> Iterator[tuple[str, int | None, o
 
 
 def save(model_or_params, dst, cfg: GrokConfig | None = None, **kw) -> Path:
-    """Write a :class:`grokviz.Model` (or params + cfg) in the converted format."""
+    """Write a :class:`grokviz.Model` (or a param pytree + its ``cfg``) in the converted format; ``kw`` as for
+    :func:`write_checkpoint` (the model's tokenizer file travels with it unless ``tokenizer=`` says otherwise)."""
     if cfg is None:
+        if isinstance(model_or_params, dict) or not hasattr(model_or_params, "params"):
+            raise TypeError(f"save({type(model_or_params).__name__}, ...): a param pytree needs its config: "
+                            f"save(params, dst, cfg=...)")
         cfg, params = model_or_params.cfg, model_or_params.params
         tok = getattr(model_or_params.tokenizer, "path", None)
         kw.setdefault("tokenizer", tok)
     else:
-        params = model_or_params
+        params = getattr(model_or_params, "params", model_or_params)
     return write_checkpoint(dst, cfg, params_tensors(params, cfg), **kw)
 
 
@@ -195,15 +194,38 @@ def is_converted(path) -> bool:
 
 
 def read_index(path) -> dict:
+    """The validated index: format and version ours, ``weight_map`` {tensor: shard} and ``files``
+    {file: {"sha256", "bytes"}} well-formed, every file name a relative path inside ``path``."""
     path = Path(path)
+    where = path / INDEX
     try:
-        index = json.loads((path / INDEX).read_text())
+        index = json.loads(where.read_text())
     except FileNotFoundError:
         raise ConvertedCheckpointError(f"{path}: no {INDEX}; not a converted grokviz checkpoint") from None
-    except ValueError as e:
-        raise ConvertedCheckpointError(f"{path / INDEX}: corrupt index JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertedCheckpointError(f"{where}: corrupt index JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ConvertedCheckpointError(f"{where}: the index is a JSON {type(index).__name__}, expected an object")
     if index.get("format") != FORMAT:
-        raise ConvertedCheckpointError(f"{path / INDEX}: format {index.get('format')!r}, expected {FORMAT!r}")
+        raise ConvertedCheckpointError(f"{where}: format {index.get('format')!r}, expected {FORMAT!r}")
+    if index.get("version") != VERSION:
+        raise ConvertedCheckpointError(f"{where}: version {index.get('version')!r}; this grokviz reads version "
+                                       f"{VERSION}")
+    wm, files = index.get("weight_map"), index.get("files")
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise ConvertedCheckpointError(f"{where}: weight_map must map tensor names to shard file names")
+    if not isinstance(files, dict):
+        raise ConvertedCheckpointError(f"{where}: files must map file names to {{sha256, bytes}}")
+    for fname, rec in files.items():
+        ok = (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64
+              and isinstance(rec.get("bytes"), int) and not isinstance(rec["bytes"], bool) and rec["bytes"] >= 0)
+        if not ok:
+            raise ConvertedCheckpointError(f"{where}: files[{fname!r}] must be {{\"sha256\": 64 hex digits, "
+                                           f"\"bytes\": a non-negative int}}, got {rec!r}")
+    for fname in {*wm.values(), *files}:
+        fsutil.confined(path, fname, f"file named in {INDEX}", ConvertedCheckpointError)
+    for key in wm:
+        parse_tensor_name(key)
     return index
 
 
@@ -213,19 +235,36 @@ def read_config(path) -> GrokConfig:
         return config_from_json(json.loads((path / CONFIG).read_text()))
     except FileNotFoundError:
         raise ConvertedCheckpointError(f"{path}: {CONFIG} is missing") from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise ConvertedCheckpointError(f"{path / CONFIG}: invalid config ({e})") from None
 
 
-def verify(path) -> dict:
-    """Check every file listed in the index against its SHA-256 and size. Raises naming every bad file.
+def format_files(path) -> set[str]:
+    """The files in ``path`` that belong to the format (shards, config, tokenizer), as index names."""
+    path = Path(path)
+    out = {p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.is_file() or p.is_symlink()}
+    return out | {n for n in (CONFIG, TOKENIZER) if os.path.lexists(path / n)}
 
-    Returns {file: sha256} on success.
+
+def verify(path) -> dict:
+    """Check that the index covers the checkpoint and every covered file matches its SHA-256 and size.
+
+    Coverage: the index lists at least the config and every shard its weight_map names, and every shard,
+    config and tokenizer present in the folder is listed. Each shard's header must also be valid and hold
+    exactly the tensors the weight_map assigns to it. Raises :class:`ConvertedCheckpointError` naming every bad
+    file; returns {file: sha256} of the files matched.
     """
     path = Path(path)
     index = read_index(path)
-    bad, out = [], {}
-    for fname, rec in index["files"].items():
+    files, wm = index["files"], index["weight_map"]
+    shards = sorted(set(wm.values()))
+    bad = [f"{s}: shard named in the weight_map but not in files (nothing to check it against)"
+           for s in shards if s not in files]
+    if CONFIG not in files:
+        bad.append(f"{CONFIG}: not in files (nothing to check it against)")
+    bad += [f"{f}: present in the folder but not in the index's files" for f in sorted(format_files(path) - set(files))]
+    out = {}
+    for fname, rec in files.items():
         f = path / fname
         if not f.is_file():
             bad.append(f"{fname}: missing")
@@ -234,48 +273,68 @@ def verify(path) -> dict:
             bad.append(f"{fname}: {f.stat().st_size:,} bytes, index records {rec['bytes']:,}")
             continue
         digest = sha256_file(f)
-        if digest != rec["sha256"]:
+        if digest != rec["sha256"].lower():
             bad.append(f"{fname}: sha256 {digest} differs from the recorded {rec['sha256']}")
+            continue
         out[fname] = digest
+    for s in shards:
+        if s in out:
+            try:
+                _check_shard_contents(path, s, read_safetensors_header(path / s)[0], wm)
+            except ConvertedCheckpointError as e:
+                bad.append(str(e))
     if bad:
-        raise ConvertedCheckpointError(f"{path}: {len(bad)} file(s) failed verification:\n  " + "\n  ".join(bad))
+        raise ConvertedCheckpointError(f"{path}: {len(bad)} problem(s) found by verification:\n  " + "\n  ".join(bad))
     return out
 
 
-def iter_converted(path, *, progress: bool = True) -> Iterator[tuple[str, int | None, object]]:
-    """Yield (name, layer, value) with memory-mapped numpy values, grouping int8 weight/scales pairs."""
+def _check_shard_contents(path: Path, shard: str, entries: dict, wm: dict):
+    listed = {k for k, s in wm.items() if s == shard}
+    if set(entries) != listed:
+        missing, extra = sorted(listed - set(entries)), sorted(set(entries) - listed)
+        raise ConvertedCheckpointError(f"{path / shard}: tensors listed in the index but not in the shard "
+                                       f"{missing[:5]}, in the shard but not listed {extra[:5]}")
+
+
+def iter_converted(path, *, progress: bool = True, with_source: bool = False
+                   ) -> Iterator[tuple[str, int | None, object]]:
+    """Yield (name, layer, value) with read-only memory-mapped numpy values, grouping int8 weight/scales pairs.
+
+    ``with_source=True`` yields (name, layer, value, "shard: tensor") so that errors can name both. Every shard
+    header is validated and matched against the index before the first tensor is yielded.
+    """
     path = Path(path)
     index = read_index(path)
-    shards = sorted(set(index["weight_map"].values()))
+    wm = index["weight_map"]
     headers = {}
-    for s in shards:
+    for s in sorted(set(wm.values())):
         if not (path / s).is_file():
             raise ConvertedCheckpointError(f"{path / s}: shard listed in the index is missing")
         headers[s] = read_safetensors_header(path / s)
-    for key, s in index["weight_map"].items():
-        if key not in headers[s][0]:
-            raise ConvertedCheckpointError(f"{path / s}: tensor {key} listed in the index is not in the shard")
+        _check_shard_contents(path, s, headers[s][0], wm)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(index["weight_map"]), unit="tensor", desc=f"loading {path.name}")
+        bar = tqdm(total=len(wm), unit="tensor", desc=f"loading {path.name}")
     pending: dict = {}
     try:
-        for key, s in index["weight_map"].items():
+        for key, s in wm.items():
             entries, start = headers[s]
             arr = memmap_tensor(path / s, entries[key], start)
             name, layer, part = parse_tensor_name(key)
             if bar is not None:
                 bar.update(1)
+            src = (f"{path / s}: tensor {key}",) if with_source else ()
             if part is None:
-                yield name, layer, arr
+                yield (name, layer, arr, *src)
                 continue
             got = pending.setdefault((name, layer), {})
             got[part] = arr
             if len(got) == 2:
                 del pending[(name, layer)]
-                yield name, layer, Int8Weight(weight=got["weight"], scales=got["scales"])
+                src = (f"{path / s}: tensor {key.rsplit('.', 1)[0]}.{{weight,scales}}",) if with_source else ()
+                yield (name, layer, Int8Weight(weight=got["weight"], scales=got["scales"]), *src)
     finally:
         if bar is not None:
             bar.close()

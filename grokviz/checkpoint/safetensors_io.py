@@ -16,6 +16,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from .release import CheckpointError
+
 _ST_DTYPES = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16",
               np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float16): "F16",
               np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -23,7 +25,11 @@ _ST_DTYPES = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class ConvertedCheckpointError(CheckpointError):
+    """A converted checkpoint that is incomplete, inconsistent or fails its hashes (the message names the file)."""
+
+
+class SafetensorsError(ConvertedCheckpointError):
     """A safetensors file whose header or data is malformed (the message names the file and the tensor)."""
 
 
@@ -71,31 +77,87 @@ class _ShardWriter:
         self.f.close()
 
 
+#: the largest header we accept (ours are 64 KiB; the format's own reader caps it at 100 MB)
+MAX_HEADER_BYTES = 100 << 20
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(tensor entries, data start offset) of a safetensors file; validates sizes against the file length."""
+    """(tensor entries, data start offset) of a safetensors file, every entry validated.
+
+    Each entry must have a known dtype, a shape of non-negative ints and two int ``data_offsets`` whose span is
+    exactly ``prod(shape) * itemsize`` bytes; sorted by offset, the entries must tile the data section from its
+    first byte to the end of the file with no gap or overlap. Anything else raises :class:`SafetensorsError`
+    naming the file and the tensor. The returned entries carry ``"np_dtype"`` and a tuple ``"shape"``.
+    """
+    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise SafetensorsError(f"{path}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise SafetensorsError(f"{path}: corrupt safetensors header length {n}")
+        if n > MAX_HEADER_BYTES:
+            raise SafetensorsError(f"{path}: corrupt safetensors header length {n:,} (at most "
+                                   f"{MAX_HEADER_BYTES:,} bytes)")
+        if n > size - 8:
+            raise SafetensorsError(f"{path}: truncated safetensors file (header of {n:,} bytes, file of {size:,})")
         try:
-            entries = json.loads(f.read(n))
+            raw = json.loads(f.read(n))
         except ValueError as e:
             raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
-    entries.pop("__metadata__", None)
-    start = 8 + n
-    for key, e in entries.items():
-        end = e["data_offsets"][1]
-        if start + end > size:
-            raise SafetensorsError(f"{path}: tensor {key} extends past the end of the file (truncated)")
+    if not isinstance(raw, dict):
+        raise SafetensorsError(f"{path}: safetensors header is a JSON {type(raw).__name__}, expected an object")
+    meta = raw.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise SafetensorsError(f"{path}: __metadata__ is a {type(meta).__name__}, expected an object")
+    start, data_len = 8 + n, size - 8 - n
+    entries = {key: _check_entry(path, key, e) for key, e in raw.items()}
+    pos, prev = 0, None
+    for key, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        lo, hi = e["data_offsets"]
+        if lo != pos:
+            what = (f"overlaps {prev}" if lo < pos else f"leaves a gap of {lo - pos:,} bytes after "
+                                                        f"{prev or 'the header'}")
+            raise SafetensorsError(f"{path}: tensor {key}: data_offsets [{lo}, {hi}] {what} (expected to start at "
+                                   f"{pos})")
+        if hi > data_len:
+            raise SafetensorsError(f"{path}: tensor {key} extends past the end of the file (truncated): data "
+                                   f"offsets [{lo}, {hi}] but the data section holds {data_len:,} bytes")
+        pos, prev = hi, key
+    if pos != data_len:
+        raise SafetensorsError(f"{path}: {data_len - pos:,} bytes after the last tensor that no header entry "
+                               f"covers")
     return entries, start
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(path: Path, key: str, e) -> dict:
+    where = f"{path}: tensor {key}"
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        got = sorted(e) if isinstance(e, dict) else type(e).__name__
+        raise SafetensorsError(f"{where}: header entry must have dtype, shape and data_offsets, got {got}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _NP_DTYPES:
+        raise SafetensorsError(f"{where}: dtype {dtype!r} is not one grokviz reads ({', '.join(sorted(_NP_DTYPES))})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"{where}: data_offsets {offsets!r} are not two ints 0 <= begin <= end")
+    dt = _NP_DTYPES[dtype]
+    want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if offsets[1] - offsets[0] != want:
+        raise SafetensorsError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]:,} bytes but "
+                               f"{dtype} {shape} needs {want:,}")
+    return {"dtype": dtype, "np_dtype": dt, "shape": tuple(shape), "data_offsets": tuple(offsets)}
+
+
 def memmap_tensor(path: Path, entry: dict, start: int) -> np.ndarray:
-    dt = _NP_DTYPES[entry["dtype"]]
+    """A read-only memory map of one validated entry (from :func:`read_safetensors_header`)."""
+    dt = entry["np_dtype"]
     lo, hi = entry["data_offsets"]
     shape = tuple(entry["shape"])
     if hi == lo:
