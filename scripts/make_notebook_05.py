@@ -87,7 +87,7 @@ print("marker exists:", Path("/tmp/grokviz_pwned").exists())"""),
 
 `convert` streams the release one tensor at a time into safetensors shards plus an index (SHA-256 and size of
 every file) and a `config.json`. It writes into a temporary directory and renames it into place at the end, so
-an interrupted conversion never leaves a half-written checkpoint. Shell: `grokviz convert SRC DST`."""),
+an interrupted conversion never leaves a half-written checkpoint (nor, with `--overwrite`, loses the old one). Shell: `grokviz convert SRC DST`."""),
     ("code", """
 work = Path(tempfile.mkdtemp())
 dst = cv.convert(CHECKPOINT, work / "grok1-converted", config=CONFIG)
@@ -105,11 +105,21 @@ same = all(np.array_equal(np.asarray(a), np.asarray(b))
                            __import__("jax").tree_util.tree_leaves(model2.params)))
 print("bit-exact round trip:", same)"""),
     ("md", """
-For the release itself, `grokviz manifest PATH` (or `grokviz.checkpoint.manifest.manifest`) hashes every file in `sha256sum` format, to
-compare with published checksums; a `MANIFEST.sha256` next to `ckpt-0/` is then checked by
-`gv.load(..., verify=True)`."""),
+The release records no hashes, and its format cannot itself detect two same-shaped tensors swapped between
+files (each pickle holds only its array). `grokviz manifest PATH --write` (or
+`grokviz.checkpoint.manifest.write_manifest`) hashes every file in `sha256sum` format and records
+`MANIFEST.sha256` next to `ckpt-0/` (atomically); do it on a trusted copy, or compare it with published
+checksums. `gv.load(..., verify=True)` and `grokviz verify PATH` then check every tensor file against it; with no
+manifest there is nothing to verify against, and both fail rather than pass."""),
     ("code", """
-from grokviz.checkpoint.manifest import format_manifest, manifest\nprint(format_manifest(dict(list(manifest(CHECKPOINT).items())[:3])))"""),
+import shutil
+from grokviz.checkpoint.manifest import verify_release, write_manifest
+
+copy = Path(tempfile.mkdtemp()) / "release"
+shutil.copytree(CHECKPOINT, copy)
+print(write_manifest(copy).read_text().splitlines()[0])
+print(len(verify_release(copy)), "tensor files match the manifest")
+model3 = gv.load(copy, config=CONFIG, verify=True, progress=False)"""),
     ("md", """
 ## 7. Memory plan for the full Grok-1 on 8 devices
 
@@ -166,6 +176,10 @@ def build():
 
 
 if __name__ == "__main__":
+    import os
+
     OUT.parent.mkdir(exist_ok=True)
-    nbformat.write(build(), OUT)
+    tmp = OUT.with_name(f".{OUT.name}.tmp-{os.getpid()}")
+    nbformat.write(build(), tmp)
+    os.replace(tmp, OUT)  # a failed run never leaves a half-written notebook
     print(f"wrote {OUT}")

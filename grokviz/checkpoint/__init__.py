@@ -7,6 +7,7 @@
   bundled tiny model, ``grokviz convert`` and ``grokviz train`` all write and ``gv.load(path)`` opens;
 * :mod:`.config_io` — JSON (file, string, dict) to :class:`~grokviz.config.GrokConfig`;
 * :mod:`.manifest` — SHA-256 manifests for folders whose format cannot check itself;
+* :mod:`.fsutil` — atomic folder/file writes, crash-leftover recovery, paths confined to a folder;
 * :mod:`.assemble` — stacking streamed tensors into the param pytree (on the host or onto a mesh).
 """
 
