@@ -39,9 +39,9 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .config import GrokConfig
-    from .checkpoint.converted import inspect
     from .checkpoint.config_io import as_config
+    from .checkpoint.converted import inspect
+    from .config import GrokConfig
     from .sharding import plan_memory
 
     cfg = None

@@ -104,7 +104,8 @@ def test_header_length_lies(tmp_path):
 
 
 def test_error_hierarchy():
-    assert issubclass(SafetensorsError, ConvertedCheckpointError) and issubclass(ConvertedCheckpointError, CheckpointError)
+    assert issubclass(SafetensorsError, ConvertedCheckpointError)
+    assert issubclass(ConvertedCheckpointError, CheckpointError)
     assert cv.ConvertedCheckpointError is ConvertedCheckpointError and issubclass(CheckpointError, ValueError)
 
 
@@ -157,7 +158,8 @@ def test_layer_tensor_of_shape_1_is_not_broadcast(golden, tmp_path):
 def test_assembler_checks_every_tensor_exactly(golden):
     cfg = golden[0]
     asm = ParamAssembler(cfg)
-    with pytest.raises(CheckpointError, match=r"f.bin: embed: shape \(512, 1\), config 'grok1-golden' expects \(512, 64\)"):
+    with pytest.raises(CheckpointError, match=r"f.bin: embed: shape \(512, 1\), config 'grok1-golden' expects "
+                                              r"\(512, 64\)"):
         asm.put("embed", None, np.zeros((512, 1), np.float32), where="f.bin")
     with pytest.raises(CheckpointError, match=r"w_q layer 2 is outside the config's layers 0..1"):
         asm.put("w_q", 2, np.zeros((64, 64), np.float32))

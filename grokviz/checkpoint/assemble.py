@@ -15,7 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ..config import GrokConfig
 from ..params import Int8Weight, shapes_dict
@@ -28,12 +29,12 @@ def _is_float(dt) -> bool:
     return np.issubdtype(dt, np.floating) or dt == np.dtype(jnp.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zeros_fn(shape, dtype, sharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _set_layer_fn(sharding):
     def set_layer(buf, value, layer):
         return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), layer, 0)

@@ -27,8 +27,8 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -348,8 +348,7 @@ def iter_converted(path, *, progress: bool = True, with_source: bool = False
 
 def inspect(path) -> dict:
     """Format, config, parameter count, dtypes and bytes of a converted or release checkpoint."""
-    from .release import (config_from_release_shapes, infer_release_shapes, is_release, release_dir,
-                          tensor_files)
+    from .release import config_from_release_shapes, infer_release_shapes, is_release, release_dir, tensor_files
 
     path = Path(path)
     if is_converted(path):
@@ -359,7 +358,7 @@ def inspect(path) -> dict:
         nbytes = 0
         for s in sorted(set(index["weight_map"].values())):
             entries, _ = read_safetensors_header(path / s)
-            for key, e in entries.items():
+            for e in entries.values():
                 dtypes[e["dtype"]] += int(np.prod(e["shape"], dtype=np.int64))
                 nbytes += e["data_offsets"][1] - e["data_offsets"][0]
         nparams = _count(cfg)
