@@ -13,9 +13,15 @@ import pytest
 
 import grokviz as gv
 from grokviz.checkpoint.names import reference_paths
+from grokviz.checkpoint.release import (
+    CheckpointError,
+    UnsafePickleError,
+    infer_release_shapes,
+    read_tensor,
+    scan_release,
+    tensor_files,
+)
 from grokviz.params import Int8Weight
-from grokviz.checkpoint.release import (CheckpointError, UnsafePickleError, infer_release_shapes, read_tensor,
-                             scan_release)
 
 DATA = Path(__file__).resolve().parent / "data"
 CKPT = DATA / "grok1_tiny_ckpt"
@@ -138,6 +144,23 @@ def test_layers_are_read_in_lexicographic_file_order(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["blocks"]["router"])[:, 0, 0], np.arange(1, 12))
 
 
+def test_files_of_one_host_only(tmp_path):
+    """A multi-host directory: host 1's files hold other tensors under the same indices and must not replace
+    host 0's (sorted names put ``_001`` after ``_000``)."""
+    root = tmp_path / "multi"
+    shutil.copytree(CKPT, root)
+    for i in range(26):
+        shutil.copy(f(CKPT, (i + 1) % 26), root / "ckpt-0" / f"tensor{i:05d}_001")
+    assert tensor_files(root) == {i: f(root, i) for i in range(26)}
+    assert tensor_files(root, host=1)[0] == root / "ckpt-0" / "tensor00000_001"
+    assert infer_release_shapes(root) == infer_release_shapes(CKPT)
+    with pytest.raises(CheckpointError, match=r"tensor00000_001 \(language_model/in_out_embed/embeddings\): "
+                                              r"shape \(64,\), expected 2 dimensions"):
+        infer_release_shapes(root, host=1)  # host 1's file 0 is a copy of a norm scale
+    with pytest.raises(CheckpointError, match=r"multi: host must be an int in 0\.\.999.*-1"):
+        tensor_files(root, host=-1)
+
+
 # --- bad checkpoints: each error names the file and the parameter ----------------------------------------
 
 def test_missing_file(bad_ckpt, golden):
@@ -174,7 +197,8 @@ def test_truncated_tail_detected_while_reading(bad_ckpt, golden):
     cfg = golden[0]
     p = f(bad_ckpt, 0)
     p.write_bytes(p.read_bytes()[:-200])  # still big enough to pass the size check
-    with pytest.raises(CheckpointError, match=r"tensor00000_000 \(language_model/in_out_embed/embeddings\).*truncated"):
+    with pytest.raises(CheckpointError,
+                       match=r"tensor00000_000 \(language_model/in_out_embed/embeddings\).*truncated"):
         gv.load(bad_ckpt, config=cfg, progress=False)
 
 
@@ -184,7 +208,8 @@ def test_corrupt_file(bad_ckpt, golden):
     data = bytearray(p.read_bytes())
     data[2:40] = b"\xff" * 38
     p.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"tensor00003_000 \(transformer/decoder_layer_0/moe/linear_1/w\).*corrupt"):
+    with pytest.raises(CheckpointError,
+                       match=r"tensor00003_000 \(transformer/decoder_layer_0/moe/linear_1/w\).*corrupt"):
         gv.load(bad_ckpt, config=cfg, progress=False)
 
 
@@ -198,7 +223,8 @@ def test_not_a_pickle(bad_ckpt, golden):
 def test_wrong_shape_same_size(bad_ckpt, golden):
     cfg = golden[0]
     w = read_tensor(f(bad_ckpt, 5))  # layer 0 key: int8 [64, 32]
-    write_release_file(f(bad_ckpt, 5), Int8Weight(np.ascontiguousarray(w.weight.T), np.ones((1, 64), ml_dtypes.bfloat16)))
+    swapped = Int8Weight(np.ascontiguousarray(w.weight.T), np.ones((1, 64), ml_dtypes.bfloat16))
+    write_release_file(f(bad_ckpt, 5), swapped)
     with pytest.raises(CheckpointError, match=r"tensor00005_000.*multi_head_attention/key/w.*\(32, 64\).*\(64, 32\)"):
         gv.load(bad_ckpt, config=cfg, progress=False)
 

@@ -1,36 +1,39 @@
-"""Reading the Grok-1 release checkpoint (spec §5) without executing anything from it.
+"""Reading the Grok-1 release checkpoint without executing anything from it.
 
-The release is a directory ``ckpt-0/`` of pickles named ``tensor{i:05d}_{host:03d}``, one per parameter, in the
-reference's sorted-key order (:func:`grokviz.checkpoint.reference_paths`: lexicographic layer numbers). Each file
-holds a float numpy array or a ``__main__.QuantizedWeight8bit`` (int8 weight + bf16 scales).
+The release is a directory ``ckpt-0/`` of pickles named ``tensor{i:05d}_{host:03d}``, one per parameter and
+host, in the reference's sorted-key order (:func:`grokviz.checkpoint.reference_paths`: lexicographic layer
+numbers). Each file holds a float numpy array or a ``__main__.QuantizedWeight8bit`` (int8 weight + bf16 scales).
 
-Safety: :class:`RestrictedUnpickler` resolves only the handful of globals this format needs — numpy's array
-reconstructor (wrapped so that it can build nothing but a plain ``ndarray``), ``numpy.dtype`` (numeric dtypes
-only), any global named ``bfloat16`` (mapped to ``ml_dtypes.bfloat16``) and ``QuantizedWeight8bit`` (mapped to a
-passive two-field record that becomes :class:`grokviz.params.Int8Weight`). Any other global is refused with an
-:class:`UnsafePickleError` naming the file and the class, *before* it can be called.
+Safety lives in :mod:`.safe_pickle`: an opcode pre-scan (only the opcodes these pickles use, memo slots in order,
+a bounded opcode count), globals that resolve to inert stand-ins instead of numpy's real objects, and sketches
+that turn into arrays only from the exact state numpy writes, with the payload length checked against the shape.
+:func:`read_tensor` then checks each array's layout (owned, C-ordered, canonical strides and itemsize), its dtype
+and, for quantised weights, that the scales fit the weight. Anything else raises :class:`CheckpointError` (or
+its subclass :class:`UnsafePickleError`) naming the file and the parameter.
 
-Validation happens in two stages: :func:`scan_release` checks the file set (missing / extra / duplicated) and each
-file's size against the config (truncated, or too large to fit) before anything is read; then each tensor is
-checked against its expected shape as it is read (:func:`iter_release`), one file at a time.
+Validation of a directory happens in two stages: :func:`scan_release` checks one host's file set (missing /
+extra) and each file's size against the config (truncated, or too large to fit) before anything is read; then
+each tensor is checked against its expected shape as it is read (:func:`iter_release`), one file at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
-import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
-from .names import reference_paths
 from ..config import GrokConfig
 from ..params import Int8Weight, shapes_dict
+from .names import reference_paths
+from .safe_pickle import CheckpointError as CheckpointError
+from .safe_pickle import QuantizedRecord, check_layout, unpickle
+from .safe_pickle import RestrictedUnpickler as RestrictedUnpickler  # re-exported: the allow-listed unpickler
+from .safe_pickle import UnsafePickleError as UnsafePickleError
 
 RELEASE_SUBDIR = "ckpt-0"
 FILE_RE = re.compile(r"^tensor(\d{5})_(\d{3})$")
@@ -39,92 +42,8 @@ QUANTIZABLE = frozenset({"w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down"}
 #: pickle bytes beyond the raw payload that we tolerate before calling a file "too large for its parameter"
 PICKLE_OVERHEAD = 4096
 
-_NUMERIC_CODES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8",
-                            "?", "b", "B", "h", "H", "i", "I", "l", "L", "q", "Q", "e", "f", "d"})
 _ALLOWED_DTYPES = frozenset(np.dtype(c) for c in ("int8", "uint8", "int16", "int32", "int64", "float16",
                                                   "float32", "float64", "bool")) | {np.dtype(ml_dtypes.bfloat16)}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be loaded; the message names the file and the parameter."""
-
-
-class UnsafePickleError(CheckpointError, pickle.UnpicklingError):
-    """A pickle asked for a global outside the release format's allow-list; nothing from it was executed."""
-
-
-class _NdarrayClass:
-    """Stands in for ``numpy.ndarray`` inside a pickle: only usable as the subtype argument of the reconstructor."""
-
-    def __call__(self, *args, **kwargs):
-        raise UnsafePickleError("numpy.ndarray may only appear as an argument of the array reconstructor")
-
-
-_NDARRAY = _NdarrayClass()
-
-
-class QuantizedRecord:
-    """Passive stand-in for the release's ``QuantizedWeight8bit``: accepts exactly the state {weight, scales}."""
-
-    __slots__ = ("weight", "scales")
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
-            state = state[1]  # (dict-state, slot-state) form
-        if not isinstance(state, dict) or set(state) != {"weight", "scales"}:
-            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise UnsafePickleError(f"QuantizedWeight8bit state must be {{weight, scales}}, got {keys}")
-        for k, v in state.items():
-            if not isinstance(v, np.ndarray):
-                raise UnsafePickleError(f"QuantizedWeight8bit.{k} must be an ndarray, got {type(v).__name__}")
-            object.__setattr__(self, k, v)
-
-
-def _safe_reconstruct(subtype, shape, typecode):
-    if subtype is not _NDARRAY:
-        raise UnsafePickleError(f"the array reconstructor may only build numpy.ndarray, not {subtype!r}")
-    if not isinstance(typecode, (bytes, str)) or len(typecode) != 1:
-        raise UnsafePickleError(f"bad array typecode {typecode!r}")
-    # an empty placeholder: the BUILD step (ndarray.__setstate__) sets the real shape, dtype and data
-    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
-
-
-def _safe_dtype(obj, align=False, copy=True):
-    if not (isinstance(align, bool) and isinstance(copy, bool)):
-        raise UnsafePickleError("numpy.dtype arguments must be booleans")
-    if obj is ml_dtypes.bfloat16 or (isinstance(obj, str) and obj in _NUMERIC_CODES):
-        return np.dtype(obj, align, copy)
-    raise UnsafePickleError(f"numpy.dtype({obj!r}) is not a numeric dtype this format uses")
-
-
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _safe_dtype,
-    ("__main__", "QuantizedWeight8bit"): QuantizedRecord,
-    ("model", "QuantizedWeight8bit"): QuantizedRecord,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the release format's globals (see the module docstring)."""
-
-    def __init__(self, file, *, name: str = "<pickle>"):
-        super().__init__(file)
-        self.name = name
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if name == "bfloat16":  # the module of the bf16 type is not fixed across writers (spec §5.2)
-            return ml_dtypes.bfloat16
-        raise UnsafePickleError(f"{self.name}: refused to load global {module}.{name}: it is not part of the "
-                                f"Grok-1 checkpoint format (only numpy arrays/dtypes and QuantizedWeight8bit "
-                                f"are allowed); nothing from this file was executed")
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self.name}: persistent ids are not part of the checkpoint format")
 
 
 def _check_array(a, what: str, file: str) -> np.ndarray:
@@ -132,7 +51,7 @@ def _check_array(a, what: str, file: str) -> np.ndarray:
         raise CheckpointError(f"{file}: {what} is a {type(a).__name__}, expected a numpy array")
     if a.dtype not in _ALLOWED_DTYPES:
         raise CheckpointError(f"{file}: {what} has dtype {a.dtype}, which the checkpoint format does not use")
-    return a
+    return check_layout(a, what, file)
 
 
 def read_tensor(path: str | os.PathLike, param: str | None = None):
@@ -143,11 +62,13 @@ def read_tensor(path: str | os.PathLike, param: str | None = None):
     path = Path(path)
     label = f"{path}" + (f" ({param})" if param else "")
     try:
-        with open(path, "rb") as f:
-            obj = RestrictedUnpickler(io.BufferedReader(f, 1 << 20), name=label).load()
+        with open(path, "rb", buffering=1 << 20) as f:
+            obj = unpickle(f, label)
     except UnsafePickleError as e:
         if label not in str(e):
             raise UnsafePickleError(f"{label}: {e}") from None
+        raise
+    except CheckpointError:
         raise
     except FileNotFoundError:
         raise CheckpointError(f"{label}: file is missing") from None
@@ -206,12 +127,16 @@ def is_release(path: str | os.PathLike) -> bool:
     return d.is_dir() and any(FILE_RE.match(n) for n in os.listdir(d))
 
 
-def tensor_files(path) -> dict[int, Path]:
-    """{index: file} for one host, raising on duplicate indices across hosts we cannot disambiguate."""
+def tensor_files(path, host: int = 0) -> dict[int, Path]:
+    """{index: file} of the files written by ``host`` (``tensor{index:05d}_{host:03d}``); other hosts' files are
+    ignored, so a multi-host directory never mixes two hosts' parts of one tensor."""
     d = release_dir(path)
     if not d.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a release checkpoint with {RELEASE_SUBDIR}/)")
-    return {int(m.group(1)): d / n for n in sorted(os.listdir(d)) if (m := FILE_RE.match(n))}
+    if type(host) is not int or not 0 <= host <= 999:
+        raise CheckpointError(f"{path}: host must be an int in 0..999 (the file suffix _000 .. _999), got {host!r}")
+    return {int(m.group(1)): d / n for n in sorted(os.listdir(d))
+            if (m := FILE_RE.match(n)) and int(m.group(2)) == host}
 
 
 def _payload_bounds(name: str, shape: tuple) -> tuple[int, int]:
@@ -234,12 +159,7 @@ def scan_release(path, cfg: GrokConfig, *, host: int = 0) -> list[ReleaseEntry]:
     d = release_dir(path)
     if not d.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    names = sorted(os.listdir(d))
-    files = {}
-    for n in names:
-        m = FILE_RE.match(n)
-        if m and int(m.group(2)) == host:
-            files[int(m.group(1))] = d / n
+    files = tensor_files(d, host)
     table = reference_paths(cfg)
     shapes = shapes_dict(cfg)
     missing = [i for i in range(len(table)) if i not in files]
@@ -308,8 +228,7 @@ def infer_release_shapes(path, *, host: int = 0) -> dict:
 
     The release does not record how the query width splits into heads; ``head_dim`` is not returned.
     """
-    files = tensor_files(path)
-    files = {i: f for i, f in files.items() if f.name.endswith(f"_{host:03d}")}
+    files = tensor_files(path, host)
     n = len(files)
     if n < 14 or (n - 2) % 12:
         raise CheckpointError(f"{release_dir(path)}: {n} tensor files is not 2 + 12 x layers")
@@ -318,14 +237,18 @@ def infer_release_shapes(path, *, host: int = 0) -> dict:
     by_path = {ref: i for i, (ref, _, _) in enumerate(table)}
     pre = "transformer/decoder_layer_0/"
 
-    def shape(ref):
-        return tuple(read_tensor(files[by_path[ref]], ref).shape)
+    def shape(ref, ndim):
+        file = files[by_path[ref]]
+        got = tuple(read_tensor(file, ref).shape)
+        if len(got) != ndim:
+            raise CheckpointError(f"{file} ({ref}): shape {got}, expected {ndim} dimensions")
+        return got
 
-    V, D = shape("language_model/in_out_embed/embeddings")
-    E, _, F = shape(pre + "moe/linear/w")
+    V, D = shape("language_model/in_out_embed/embeddings", 2)
+    E, _, F = shape(pre + "moe/linear/w", 3)
     return dict(num_layers=(n - 2) // 12, vocab_size=V, d_model=D, num_experts=E, ffn_size=F,
-                q_width=shape(pre + "multi_head_attention/query/w")[1],
-                kv_width=shape(pre + "multi_head_attention/key/w")[1], files=n)
+                q_width=shape(pre + "multi_head_attention/query/w", 2)[1],
+                kv_width=shape(pre + "multi_head_attention/key/w", 2)[1], files=n)
 
 
 def config_from_release_shapes(info: dict) -> GrokConfig | None:
