@@ -291,14 +291,14 @@ print("layer 0 load with expert 1 removed:", np.asarray(run.cache["blocks.moe.ex
 Loss change when each (layer, expert) is removed, on the prompt. Only intervention values change between runs,
 so there is one compilation for the whole sweep."""),
     code("""
-from grokviz.viz.widgets import next_token_loss
+from grokviz.analysis.common import next_token_loss
 import time
 
 tokens = model.to_tokens(PROMPT)
 none = gv.Interventions.none(cfg)
 def loss_with(iv):
     r = model.run(tokens, interventions=iv)
-    return next_token_loss(np.asarray(r.logits), r.tokens, r.real)
+    return next_token_loss(r.logits, r.tokens, cfg.pad_token)
 
 base = loss_with(none)
 t0 = time.perf_counter()
@@ -365,7 +365,8 @@ logits = np.asarray(run.cache["blocks.attn.logits"])[:, 0]     # [layer, head, s
 causal = np.tril(np.ones(logits.shape[-2:], bool))
 for l in range(cfg.num_layers):
     x = logits[l][:, causal]
-    print(f"layer {l}: max |logit| {np.abs(x).max():6.2f}, beyond cap/2: {np.mean(np.abs(x) > cfg.attn_softcap / 2):.2%}")"""),
+    beyond = np.mean(np.abs(x) > cfg.attn_softcap / 2)
+    print(f"layer {l}: max |logit| {np.abs(x).max():6.2f}, beyond cap/2: {beyond:.2%}")"""),
     md("## Per-head summaries for every layer\nThe same numbers as the explorer's bar chart, as a table."),
     code("""
 from grokviz.analysis import attention as aa

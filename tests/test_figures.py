@@ -94,7 +94,8 @@ def test_attention_figures():
     assert fig.layout.yaxis.autorange == "reversed"
     x = np.array([-100.0, -10.0, 0.0, 50.0])
     cap = F.precap_vs_capped(x, 30 * np.tanh(x / 30), 30.0, 0, 0)
-    assert np.allclose(cap.data[0].x, x) and np.allclose(cap.data[1].y[[0, -1]], 30 * np.tanh(cap.data[1].x[[0, -1]] / 30))
+    assert np.allclose(cap.data[0].x, x)
+    assert np.allclose(cap.data[1].y[[0, -1]], 30 * np.tanh(cap.data[1].x[[0, -1]] / 30))
     assert "50%" in cap.layout.title.text
     summ = F.head_summaries({"a": np.arange(4.0), "b": np.ones(4)}, 2, group_size=2)
     assert len(summ.data) == 4 and summ.data[3].name == "h3 (kv 1)"
@@ -118,3 +119,42 @@ def test_builders_return_plain_figures_with_template(builder):
     arg = np.ones(4) / 4 if builder == "load_bars" else np.ones((4, 4))
     fig = getattr(F, builder)(arg, 0)
     assert isinstance(fig, go.Figure) and fig.layout.template.layout.font.family.startswith("DejaVu")
+
+
+def _has_non_finite(obj) -> bool:
+    if isinstance(obj, dict):
+        return any(_has_non_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_non_finite(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            return _has_non_finite(obj.tolist())
+        return obj.dtype.kind == "f" and not np.isfinite(obj).all()
+    return isinstance(obj, (float, np.floating)) and not np.isfinite(obj)
+
+
+def test_figures_hold_no_nan_or_inf():
+    """NaN cells (unused experts, unchanged routing, undefined rates) are None (a gap), never NaN in the data."""
+    counts = np.array([[4, 2, 0], [2, 2, 1], [0, 1, 0]])
+    figs = [F.coactivation_heatmap(counts, 0, k=2),
+            F.routing_change(np.array([[0, 1], [2, 3]]), np.array([[0, 2], [2, 3]]), ["x", "y"], 4),
+            F.consecutive_rates(np.arange(2), [np.nan, 0.4], [0.5, np.inf], {"first_repeat": 0.1}),
+            F.head_summaries({"a": np.array([np.nan, 1.0])}, 0, group_size=1),
+            F.precap_vs_capped(np.zeros(0), np.zeros(0), 30.0, 0, 0)]
+    for fig in figs:
+        assert not _has_non_finite(fig.to_plotly_json()["data"]), fig.layout.title.text
+
+
+def test_figures_stay_legible_at_128_experts():
+    E, L = 128, 4
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(E), size=L)
+    experts = np.argsort(-probs, -1)[:, :2]
+    fig = F.router_probs_by_layer(probs, experts, np.take_along_axis(probs, experts, -1), "x", 0)
+    assert len(fig.layout.xaxis.tickvals) <= 32 and not any(np.asarray(fig.data[0].text).ravel())
+    assert fig.data[1].marker.size <= 6                                    # outlines no wider than a cell
+    co = F.coactivation_heatmap(rng.integers(0, 5, (E, E)) + np.eye(E, dtype=int) * 5, 0, k=2)
+    assert co.data[0].text is None and len(co.layout.xaxis.tickvals) <= 32
+    assert len(F.load_bars(np.ones(E) / E, 0).layout.xaxis.tickvals) <= 32
+    grid = F.routing_grid(["t"] * 8, rng.integers(0, E, (L, 8)), np.ones((L, 8)), E)
+    assert len(grid.data[0].colorbar.tickvals) <= 16

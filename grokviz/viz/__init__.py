@@ -1,12 +1,22 @@
 """grokviz.viz: plotly figures and ipywidgets views (imported explicitly; ``import grokviz`` never loads them).
 
-* :mod:`.figures`  pure builders, numpy data -> ``go.Figure``
-* :mod:`.widgets`  RoutingExplorer, ExpertLoadDashboard, AttentionExplorer, AblationLab, RoutingFlow, export_html
-* :mod:`.theme`    template and the expert colour map
+* :mod:`.figures`             pure builders, numpy data -> ``go.Figure``
+* :mod:`.theme`               template and the expert colour map
+* :mod:`.base`                what the views share (Run handling, FigureWidgets, one redraw per change)
+* :mod:`.routing_explorer`    RoutingExplorer
+* :mod:`.load_dashboard`      ExpertLoadDashboard
+* :mod:`.attention_explorer`  AttentionExplorer
+* :mod:`.ablation_lab`        AblationLab
+* :mod:`.routing_flow`        RoutingFlow
+* :mod:`.export`              export_html
 """
 
-from . import figures as figures, theme as theme
+from . import figures as figures
+from . import theme as theme
+from .ablation_lab import AblationLab as AblationLab
+from .attention_explorer import AttentionExplorer as AttentionExplorer
+from .export import export_html as export_html
+from .load_dashboard import ExpertLoadDashboard as ExpertLoadDashboard
+from .routing_explorer import RoutingExplorer as RoutingExplorer
+from .routing_flow import RoutingFlow as RoutingFlow
 from .theme import expert_color as expert_color
-from .widgets import (AblationLab as AblationLab, AttentionExplorer as AttentionExplorer,
-                      ExpertLoadDashboard as ExpertLoadDashboard, RoutingExplorer as RoutingExplorer,
-                      RoutingFlow as RoutingFlow, export_html as export_html)

@@ -7,13 +7,12 @@ Every builder sets a title that names what is shown (widgets and browser tests r
 from __future__ import annotations
 
 import html
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
-from .theme import (DIVERGING, SEQUENTIAL, UNIFORM_COLOR, apply, axis_title, expert_color,
-                    expert_colorscale)
+from .theme import DIVERGING, SEQUENTIAL, UNIFORM_COLOR, apply, axis_title, expert_color, expert_colorscale
 
 
 def _ticks(labels: Sequence[str], max_ticks: int = 64) -> dict:
@@ -23,6 +22,18 @@ def _ticks(labels: Sequence[str], max_ticks: int = 64) -> dict:
     return dict(tickmode="array", tickvals=idx, ticktext=[show_token(labels[i]) for i in idx])
 
 
+def finite(a) -> list:
+    """``a`` as nested lists with None where it is NaN or infinite: plotly draws a gap there, and the figure stays
+    strict JSON (a widget message with NaN is refused by Jupyter's serializer)."""
+    a = np.asarray(a, np.float64)
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
+def _expert_ticks(E: int, max_ticks: int = 32) -> list[int]:
+    """Expert tick positions: every expert up to ``max_ticks`` experts, then every n-th (64-128 expert models)."""
+    return list(range(0, E, max(1, int(np.ceil(E / max_ticks)))))
+
+
 def show_token(tok: str) -> str:
     """A printable form of a token piece (SentencePiece's word marker becomes a visible space)."""
     return str(tok).replace("\u2581", "\u2423").replace("\n", "\u21b5") or "\u2205"
@@ -30,7 +41,7 @@ def show_token(tok: str) -> str:
 
 def _expert_heatmap(z, E: int, **kw) -> go.Heatmap:
     return go.Heatmap(z=z, colorscale=expert_colorscale(E), zmin=-0.5, zmax=E - 0.5,
-                      colorbar=dict(title="expert", tickvals=list(range(E))), **kw)
+                      colorbar=dict(title="expert", tickvals=_expert_ticks(E, 16)), **kw)
 
 
 # --------------------------------------------------------------------------------------------- routing --
@@ -94,7 +105,7 @@ def router_probs_by_layer(probs: np.ndarray, experts: np.ndarray, gates: np.ndar
     probs, experts, gates = np.asarray(probs, np.float64), np.asarray(experts), np.asarray(gates, np.float64)
     L, E = probs.shape
     text = np.full((L, E), "", object)
-    for l in range(L):
+    for l in range(L if E <= 32 else 0):       # printed gates only while cells are wide enough to read
         for e, g in zip(experts[l], gates[l]):
             text[l, int(e)] = f"{g:.2f}"
     fig = go.Figure(go.Heatmap(z=probs, x=np.arange(E), y=np.arange(L), colorscale=SEQUENTIAL, zmin=0,
@@ -103,8 +114,9 @@ def router_probs_by_layer(probs: np.ndarray, experts: np.ndarray, gates: np.ndar
                                hovertemplate="layer %{y} expert %{x}: p=%{z:.3f}<extra></extra>"))
     ls, es = np.repeat(np.arange(L), experts.shape[1]), experts.reshape(-1)
     fig.add_trace(go.Scatter(x=es, y=ls, mode="markers", name="selected (gate = p)", hoverinfo="skip",
-                             marker=dict(symbol="square-open", size=18, color="white", line=dict(width=2))))
-    fig.update_xaxes(title=axis_title("expert"), tickvals=list(range(E)))
+                             marker=dict(symbol="square-open", size=int(np.clip(480 / E, 5, 18)), color="white",
+                                         line=dict(width=2 if E <= 32 else 1))))
+    fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
     fig.update_yaxes(title=axis_title("layer"))
     fig.update_layout(showlegend=False)
     mean_sum = float(gates.sum(-1).mean())
@@ -125,7 +137,7 @@ def load_share_heatmap(share: np.ndarray, title: str = "Expert load share per la
                                texttemplate="%{text}" if L * E <= 512 else None, xgap=1, ygap=1,
                                colorbar=dict(title="share"),
                                hovertemplate="layer %{y} expert %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(title=axis_title("expert"), tickvals=list(range(E)))
+    fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
     fig.update_yaxes(title=axis_title("layer"))
     return apply(fig, title=f"{title} (uniform = {u:.3f})", height=max(250, 120 + 22 * L))
 
@@ -138,7 +150,7 @@ def load_bars(share: np.ndarray, layer: int) -> go.Figure:
                            hovertemplate="expert %{x}: %{y:.3f}<extra></extra>", name="share"))
     fig.add_hline(y=1.0 / E, line=dict(color=UNIFORM_COLOR, dash="dash"), annotation_text="uniform 1/E",
                   annotation_position="top right")
-    fig.update_xaxes(title=axis_title("expert"), tickvals=list(range(E)))
+    fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
     fig.update_yaxes(title="share of routed slots", rangemode="tozero")
     return apply(fig, title=f"Layer {layer} expert load share", height=300)
 
@@ -160,12 +172,13 @@ def coactivation_heatmap(co: np.ndarray, layer: int, k: int | None = None) -> go
     (k - 1) / (E - 1) everywhere off the diagonal."""
     cond = coactivation_conditional(co)
     E = cond.shape[0]
-    fig = go.Figure(go.Heatmap(z=cond, x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL, xgap=1, ygap=1,
-                               text=np.where(np.isnan(cond), "", np.char.mod("%.2f", np.nan_to_num(cond))),
-                               texttemplate="%{text}",
+    text = np.where(np.isnan(cond), "", np.char.mod("%.2f", np.nan_to_num(cond))) if E <= 16 else None
+    fig = go.Figure(go.Heatmap(z=finite(cond), x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL,
+                               xgap=1 if E <= 32 else 0, ygap=1 if E <= 32 else 0, text=text,
+                               texttemplate="%{text}" if text is not None else None, zmin=0, zmax=1,
                                hovertemplate="P(expert %{x} | expert %{y}) = %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(title="also selected: expert j", tickvals=list(range(E)))
-    fig.update_yaxes(title="selected: expert i", tickvals=list(range(E)), autorange="reversed")
+    fig.update_xaxes(title="also selected: expert j", tickvals=_expert_ticks(E))
+    fig.update_yaxes(title="selected: expert i", tickvals=_expert_ticks(E), autorange="reversed")
     base = f" (random: {(k - 1) / (E - 1):.3f})" if k else ""
     return apply(fig, title=f"Layer {layer} co-activation P(j | i){base}", height=340)
 
@@ -176,7 +189,7 @@ def consecutive_rates(layers: np.ndarray, first_repeat: np.ndarray, topk_overlap
     expected under random (uniform, independent) routing."""
     fig = go.Figure()
     for key, values, color in (("first_repeat", first_repeat, "#636EFA"), ("topk_overlap", topk_overlap, "#EF553B")):
-        fig.add_trace(go.Scatter(x=np.asarray(layers), y=np.asarray(values, np.float64), mode="lines+markers",
+        fig.add_trace(go.Scatter(x=np.asarray(layers), y=finite(values), mode="lines+markers",
                                  name=key.replace("_", " "), line=dict(color=color)))
         if key in baselines:
             fig.add_hline(y=float(baselines[key]), line=dict(color=color, dash="dot"),
@@ -230,7 +243,7 @@ def attention_pattern(pattern: np.ndarray, tokens: Sequence[str], layer: int, he
 def precap_vs_capped(logits: np.ndarray, scores: np.ndarray, cap: float, layer: int, head: int) -> go.Figure:
     """Pre-cap attention logits against the soft-capped scores cap*tanh(x/cap) (causal entries only)."""
     x, y = np.asarray(logits, np.float64).ravel(), np.asarray(scores, np.float64).ravel()
-    lim = max(float(np.abs(x).max()), 1.0) * 1.05
+    lim = max(float(np.abs(x).max()) if x.size else 0.0, 1.0) * 1.05
     grid = np.linspace(-lim, lim, 200)
     fig = go.Figure([
         go.Scatter(x=x, y=y, mode="markers", name="scores", marker=dict(size=4, opacity=0.6, color="#636EFA")),
@@ -252,7 +265,7 @@ def head_summaries(summary: Mapping[str, np.ndarray], layer: int, group_size: in
     names = list(summary)
     H = len(np.asarray(summary[names[0]]))
     for h in range(H):
-        fig.add_trace(go.Bar(x=names, y=[float(np.asarray(summary[n])[h]) for n in names],
+        fig.add_trace(go.Bar(x=names, y=finite([np.asarray(summary[n])[h] for n in names]),
                              name=f"h{h} (kv {h // group_size})", marker_color=expert_color(h // group_size),
                              marker_pattern_shape=["", "/", ".", "x", "-", "+"][h % group_size % 6]))
     fig.update_layout(barmode="group", legend_title_text="head")
@@ -280,8 +293,8 @@ def routing_change(base_first: np.ndarray, new_first: np.ndarray, tokens: Sequen
     """Where the first-choice expert changed: [layer, seq] grid showing the new expert where it differs."""
     base_first, new_first = np.asarray(base_first), np.asarray(new_first)
     changed = base_first != new_first
-    z = np.where(changed, new_first, np.nan).astype(np.float64)
-    L, seq = z.shape
+    L, seq = changed.shape
+    z = np.where(changed, new_first, None).tolist()                    # None: unchanged (no NaN in the data)
     fig = go.Figure(_expert_heatmap(z, num_experts, x=np.arange(seq), y=np.arange(L), xgap=1, ygap=1,
                                     customdata=base_first,
                                     hovertemplate="layer %{y} token %{x}: %{customdata} \u2192 %{z}<extra></extra>"))

@@ -55,7 +55,8 @@ def axis_title(axis: str) -> str:
     return label(axis)
 
 
-def apply(fig: go.Figure, *, title: str | None = None, height: int | None = None, width: int | None = None) -> go.Figure:
+def apply(fig: go.Figure, *, title: str | None = None, height: int | None = None,
+          width: int | None = None) -> go.Figure:
     """Apply the grokviz template (and optional title/size) to ``fig`` in place; returns it."""
     fig.update_layout(template=TEMPLATE_NAME)
     if title is not None:
