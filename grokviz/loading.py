@@ -43,10 +43,11 @@ def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=jn
     Every tensor is checked against the config's exact shape as it is read (never broadcast), and nothing in
     the files is executed (the release's pickles go through an allow-list unpickler; the converted format is
     JSON and raw bytes, memory-mapped read-only). Loading writes nothing to the checkpoint folder."""
-    if isinstance(path_or_name, str) and path_or_name == "tiny":
-        from .tiny import load_tiny
+    if isinstance(path_or_name, str) and path_or_name == "tiny":  # the bundled model; Path("tiny") is a folder
+        from .tiny import TINY_DIR, check_config
 
-        return load_tiny()
+        check_config(config)
+        path_or_name, config = TINY_DIR, None
     from .checkpoint import converted as cv
     from .checkpoint import release as rl
     from .checkpoint.assemble import ParamAssembler

@@ -1,42 +1,52 @@
-"""The small trained Grok that ships with the package (``grokviz/assets/tiny/``): ``load_tiny() -> Model``.
+"""The small trained Grok that ships with the package (``grokviz/assets/tiny/``), in grokviz's converted format.
 
 Grok-1 architecture (8 experts, top-2, grouped-query attention, attention soft-cap, sandwich norms, tied
 embeddings) at toy size, trained by ``grokviz train --preset tiny`` on the offline corpus in
-``grokviz/corpus/``. Everything is read from the package folder: no network. See ``MODEL_CARD.md`` there.
+``grokviz/corpus/``. The folder is an ordinary converted checkpoint (safetensors shard + index + ``config.json``
++ ``tokenizer.model``), plus ``training.json`` (how it was trained), ``MODEL_CARD.md`` and ``card_stats.json``.
+``gv.load("tiny")`` opens it; nothing here imports the trainer. Everything is read from the package: no network.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
-from .api import Model
 from .config import GrokConfig
-from .tokenizer import Tokenizer
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 
 
 def load_config(path=TINY_DIR) -> GrokConfig:
-    conf = json.loads((Path(path) / "config.json").read_text())
-    return GrokConfig(**conf["grokviz_config"])
+    """The model config stored in the folder's ``config.json``."""
+    from .checkpoint.converted import read_config
+
+    return read_config(path)
 
 
-def load_params(path=TINY_DIR) -> dict:
-    """The parameter pytree (float32 jax arrays) from ``model.safetensors``."""
-    from safetensors.numpy import load_file
+def check_config(config) -> None:
+    """Refuse ``config=`` for the bundled model unless it equals the stored config (its weights fix it)."""
+    if config is None:
+        return
+    from .checkpoint.config_io import as_config
 
-    from .train import unflatten_params
+    given, stored = as_config(config), load_config()
+    if given != stored:
+        diff = [f"{f.name}={getattr(given, f.name)!r} (bundled: {getattr(stored, f.name)!r})"
+                for f in dataclasses.fields(GrokConfig) if getattr(given, f.name) != getattr(stored, f.name)]
+        raise ValueError(f'gv.load("tiny", config=...): the bundled tiny model has a fixed config, and the one given '
+                         f"differs: {', '.join(diff)}. Drop config= (or, for another model, pass its folder)")
 
-    f = Path(path) / "model.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"the shipped tiny model's weights are missing: {f} (reinstall grokviz, or "
-                                f"retrain them with `grokviz train --preset tiny --out {Path(path)}`)")
-    return unflatten_params(load_file(str(f)))
 
+def load_tiny(path=TINY_DIR, **kw):
+    """The shipped trained tiny Grok with its SentencePiece tokenizer attached (``model.run("text")`` works).
 
-def load_tiny(path=TINY_DIR) -> Model:
-    """The shipped trained tiny Grok with its SentencePiece tokenizer attached (``model.run("text")`` works)."""
+    ``path``: another folder in the same format; keywords as :func:`grokviz.load` (``progress`` defaults off)."""
+    from .loading import load
+
     path = Path(path)
-    cfg = load_config(path)
-    return Model(cfg, load_params(path), tokenizer=Tokenizer(path / "tokenizer.model"))
+    if not path.is_dir():
+        raise FileNotFoundError(f"the tiny model folder is missing: {path} (reinstall grokviz, or retrain it with "
+                                f"`grokviz train --preset tiny --out {path}`)")
+    kw.setdefault("progress", False)
+    return load(path, **kw)

@@ -1,7 +1,11 @@
-"""Corpus, tokenizer and the training loop (grokviz.corpus, grokviz.train)."""
+"""Corpus, tokenizer and the training loop (grokviz.corpus, grokviz.train): losses, exact resume, the checks
+that refuse a checkpoint of another run, and the `grokviz train` output format."""
 
+import dataclasses
 import hashlib
+import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -10,7 +14,8 @@ import numpy as np
 import pytest
 
 from grokviz.config import GrokConfig
-from grokviz.corpus import build
+from grokviz.params import init_params
+from grokviz import corpus
 from grokviz.tokenizer import Tokenizer
 from grokviz import train as T
 
@@ -23,14 +28,14 @@ def sha(path):
 
 
 def test_corpus_checksum_size_and_provenance():
-    assert sha(build.CORPUS_PATH) == CORPUS_SHA256
-    assert build.CORPUS_PATH.stat().st_size <= 10 * 2**20
-    prov = (build.CORPUS_PATH.parent / "PROVENANCE.md").read_text()
+    assert sha(corpus.CORPUS_PATH) == CORPUS_SHA256
+    assert corpus.CORPUS_PATH.stat().st_size <= 10 * 2**20
+    prov = (corpus.CORPUS_PATH.parent / "PROVENANCE.md").read_text()
     assert CORPUS_SHA256 in prov and TOKENIZER_SHA256 in prov
 
 
 def test_corpus_domains_and_splits():
-    docs = build.load()
+    docs = corpus.load()
     kinds = {(d["domain"], d["split"]) for d in docs}
     for dom in ("code", "prose", "numbers"):
         assert (dom, "train") in kinds and (dom, "validation") in kinds
@@ -97,11 +102,12 @@ def test_few_steps_reduce_loss(small_data):
 
 
 def test_resume_equals_uninterrupted(small_data, tmp_path):
+    """N steps straight == N/2 steps, "killed", then resumed to N: parameters bit-identical."""
     cfg = micro_cfg()
     full, h_full = T.train(cfg, small_data, tc=MICRO_TC, progress=False)
     ck = tmp_path / "ck.npz"
-    part, h_part = T.train(cfg, small_data, tc=MICRO_TC, progress=False, checkpoint=ck, stop_after=5)
-    assert h_part["steps_done"] == 5
+    part, h_part = T.train(cfg, small_data, tc=MICRO_TC, progress=False, checkpoint=ck, stop_after=4)
+    assert h_part["steps_done"] == 4
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # atomic: no temp files left
     resumed, h_res = T.train(cfg, small_data, tc=MICRO_TC, progress=False, checkpoint=ck)
     assert h_res["steps_done"] == MICRO_TC.steps
@@ -113,23 +119,174 @@ def test_resume_equals_uninterrupted(small_data, tmp_path):
     assert step == MICRO_TC.steps
 
 
+# --- resuming refuses a checkpoint that is not this run's (each of these resumed silently before) ---------------
+RESUME_TC = MICRO_TC   # same compiled step as test_resume_equals_uninterrupted
+
+
+@pytest.fixture(scope="module")
+def resume_ckpt(small_data, tmp_path_factory):
+    """A checkpoint of a 2-step run of the micro config (written once, copied by each test)."""
+    ck = tmp_path_factory.mktemp("resume") / "ck.npz"
+    T.train(micro_cfg(), small_data, tc=RESUME_TC, progress=False, checkpoint=ck, stop_after=2)
+    return ck
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ck.npz"
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _rewrite(path, *, info=None, leaf=None):
+    """Rewrite the checkpoint with a modified info record and/or leaf_00000 array (a tampered file)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if info is not None:
+        arrays["info"] = np.frombuffer(json.dumps(info(json.loads(bytes(arrays["info"]).decode()))).encode(),
+                                       np.uint8)
+    if leaf is not None:
+        arrays["leaf_00000"] = leaf(arrays["leaf_00000"])
+    np.savez(path, **arrays)
+
+
+def _resume(ck, data, cfg=None, **tc_changes):
+    return T.train(cfg or micro_cfg(), data, tc=dataclasses.replace(RESUME_TC, **tc_changes), progress=False,
+                   checkpoint=ck)
+
+
+def test_resume_refuses_another_architecture(resume_ckpt, small_data, tmp_path):
+    ck = _copy(resume_ckpt, tmp_path)
+    with pytest.raises(T.TrainCheckpointError, match=r"another architecture.*num_experts: checkpoint 8, this run 4"
+                                                     r"(?s:.*)--no-resume") as e:
+        _resume(ck, small_data, cfg=micro_cfg().replace(num_experts=4))
+    assert str(ck) in str(e.value)
+
+
+def test_resume_refuses_changed_learning_rate(resume_ckpt, small_data, tmp_path):
+    ck = _copy(resume_ckpt, tmp_path)
+    with pytest.raises(T.TrainCheckpointError, match=r"other training settings.*lr: checkpoint 0.01, this run 0.02"):
+        _resume(ck, small_data, lr=0.02)
+    with pytest.raises(T.TrainCheckpointError, match=r"steps: checkpoint 8, this run 10"):
+        _resume(ck, small_data, steps=10)
+    # cadence fields may change: this resumes and finishes the run
+    _, h = _resume(ck, small_data, log_every=2, ckpt_every=1)
+    assert h["steps_done"] == RESUME_TC.steps
+
+
+def test_resume_refuses_wrong_leaf_shape(resume_ckpt, small_data, tmp_path):
+    ck = _copy(resume_ckpt, tmp_path)
+    _rewrite(ck, leaf=lambda a: a[:, :-1])   # the file's arrays no longer match its own config
+    with pytest.raises(T.TrainCheckpointError, match=r"leaf_00000.*float32\[2, 31\].*--no-resume"):
+        _resume(ck, small_data)
+    _rewrite(ck, info=lambda i: {**i, "leaves": i["leaves"][1:]})
+    with pytest.raises(T.TrainCheckpointError, match="state arrays"):
+        _resume(ck, small_data)
+
+
+def test_resume_refuses_step_beyond_the_run(resume_ckpt, small_data, tmp_path):
+    ck = _copy(resume_ckpt, tmp_path)
+    _rewrite(ck, info=lambda i: {**i, "step": RESUME_TC.steps + 5})
+    with pytest.raises(T.TrainCheckpointError, match=r"step 13 is outside this run's 0..8 steps"):
+        _resume(ck, small_data)
+
+
+def test_corrupt_checkpoint_names_file_and_fix(resume_ckpt, small_data, tmp_path):
+    ck = _copy(resume_ckpt, tmp_path)
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])                     # truncated: a bare zip error before
+    with pytest.raises(T.TrainCheckpointError, match="unreadable or corrupt.*--no-resume") as e:
+        _resume(ck, small_data)
+    assert str(ck) in str(e.value)
+    ck.write_bytes(b"")
+    with pytest.raises(T.TrainCheckpointError, match="unreadable or corrupt"):
+        _resume(ck, small_data)
+    # resume=False ignores the bad file and overwrites it
+    T.train(micro_cfg(), small_data, tc=RESUME_TC, progress=False, checkpoint=ck, resume=False, stop_after=1)
+    assert T.checkpointing.read_info(ck)["step"] == 1
+
+
+def test_checkpoint_write_is_atomic(resume_ckpt, tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint intact and no temp file behind."""
+    ck = _copy(resume_ckpt, tmp_path)
+    before = ck.read_bytes()
+    params, opt_state = _state_of(ck)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.checkpointing.np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(ck, params, opt_state, 3, {}, {})
+    assert ck.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+def _state_of(ck):
+    params = init_params(micro_cfg(), jax.random.key(0))
+    opt = T.make_optimizer(RESUME_TC)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = opt.init(params)
+    p, o, *_ = T.load_checkpoint(ck, params, opt_state)
+    return p, o
+
+
+def test_training_masks_padding_with_is_real(small_data):
+    """The loss counts exactly the positions ``config.is_real`` calls real: with pad_token 3, ids 1 and 2 (below
+    it) are padding too (``!= pad`` counted them)."""
+    from grokviz.config import is_real
+    from grokviz.model.transformer import forward
+
+    cfg = micro_cfg().replace(pad_token=3)
+    params = init_params(cfg, jax.random.key(1))
+    batch = small_data.batch(0, 2, 16)
+    batch[:, 5:8] = 1
+    batch[1, 12:] = 2
+    inputs, targets = jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:])
+    logits = forward(params, inputs, cfg).logits.astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    real = (is_real(inputs, cfg.pad_token) & is_real(targets, cfg.pad_token)).astype(jnp.float32)
+    want = float(jnp.sum(nll * real) / jnp.sum(real))
+    with jax.numpy_dtype_promotion("standard"):
+        got = float(T.loss_fn(params, jnp.asarray(batch), cfg, 0.0, 0.0)[1]["ce"])
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_presets_and_cli_parse():
     cfg, tc = T.PRESETS["tiny"]
     assert (cfg.num_experts, cfg.top_k) == (8, 2) and cfg.num_q_heads > cfg.num_kv_heads
     assert cfg.sequence_len >= tc.seq_len
     qcfg, qtc = T.PRESETS["quick"]
     assert qtc.steps * qtc.batch_size * qtc.seq_len < tc.steps * tc.batch_size * tc.seq_len
+    assert all(0 < t.ckpt_every < t.steps for _, t in T.PRESETS.values())   # long runs checkpoint by default
     with pytest.raises(SystemExit):
         T.cli_main(["--preset", "nope"])
+    with pytest.raises(ValueError, match="ckpt_every must be >= 0"):
+        T.cli_main(["--preset", "quick", "--ckpt-every", "-1"])
+
+
+def test_cli_refuses_a_foreign_out_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        T.cli_main(["--preset", "quick", "--steps", "1", "--out", str(tmp_path), "--no-progress"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_cli_quick_writes_a_loadable_model(tmp_path):
+    import grokviz as gv
+    from grokviz.checkpoint import converted
     from grokviz.cli import main
-    from grokviz.tiny import load_tiny
 
     out = tmp_path / "quick"
-    assert main(["train", "--preset", "quick", "--steps", "3", "--out", str(out), "--no-progress"]) == 0
-    for name in ("model.safetensors", "config.json", "tokenizer.model", "checkpoint.npz", "history.json"):
+    assert main(["train", "--preset", "quick", "--steps", "3", "--ckpt-every", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.model", "checkpoint.npz",
+                 "history.json", "training.json"):
         assert (out / name).is_file(), name
-    m = load_tiny(out)
+    assert converted.is_converted(out) and converted.verify(out)
+    assert T.checkpointing.read_info(out / "checkpoint.npz")["step"] == 3
+    m = gv.load(out, verify=True, progress=False)
     assert m.cfg.name == "grok1-quick" and m.run("x = 1").logits.shape[-1] == 4096
+    assert json.loads((out / "training.json").read_text())["train"]["ckpt_every"] == 2
+    # a second run resumes from the finished checkpoint (nothing left to do) and rewrites the same model
+    shard = sorted(out.glob("model-*.safetensors"))[0].read_bytes()
+    assert main(["train", "--preset", "quick", "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(out.glob("model-*.safetensors"))[0].read_bytes() == shard

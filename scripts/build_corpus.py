@@ -13,10 +13,10 @@ its docstrings always land in the same split. The committed corpus is the canoni
 PROVENANCE.md and checked by the tests); re-running this script on another Python 3.11 patch release gives a
 slightly different corpus, which is why the checksum of the shipped file is recorded rather than re-derived.
 
-Usage::
+Usage (from the source tree; the installed package carries the corpus and its reader, not this script)::
 
-    python -m grokviz.corpus.build                 # writes grokviz/corpus/corpus.jsonl.xz
-    python -m grokviz.corpus.build --tokenizer     # also trains grokviz/assets/tiny/tokenizer.model
+    python scripts/build_corpus.py                 # writes grokviz/corpus/corpus.jsonl.xz
+    python scripts/build_corpus.py --tokenizer     # also trains grokviz/assets/tiny/tokenizer.model
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CORPUS_PATH = HERE / "corpus.jsonl.xz"
-TOKENIZER_DIR = HERE.parent / "assets" / "tiny"
+from grokviz.corpus import CORPUS_PATH, load
+
+TOKENIZER_DIR = CORPUS_PATH.parent.parent / "assets" / "tiny"
 
 SEED = 20240317
 VALIDATION_PERCENT = 5           # of source files (hash-based)
@@ -270,13 +270,6 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def load(path=CORPUS_PATH, split: str | None = None, domain: str | None = None) -> list[dict]:
-    """The corpus documents (optionally one split and/or one domain)."""
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        docs = [json.loads(line) for line in f]
-    return [d for d in docs if (split is None or d["split"] == split) and (domain is None or d["domain"] == domain)]
 
 
 TOKENIZER_OPTIONS = dict(
