@@ -119,7 +119,8 @@ class Interventions:
         op = f"patch({name!r})"
         if "seq" not in hook.axes:
             raise ValueError(f"{name} has no seq axis ({' '.join(hook.axes)}); it cannot be patched by position")
-        value = value if isinstance(value, jax.Array) else jnp.asarray(np.asarray(value))
+        # host values go to the device as they are (jnp.asarray would compile a copy of a strided view per shape)
+        value = value if isinstance(value, jax.Array) else jax.device_put(np.ascontiguousarray(value))
         bt_axes = (hook.axes.index("batch"), hook.axes.index("seq"))
         n_layers, n_experts = self.expert_remove.shape
         want = tuple(hook.axes)
@@ -144,7 +145,7 @@ class Interventions:
             mask = m
         elif layers is not None or positions is not None:
             raise ValueError(f"{op}: give either mask or layers/positions, not both")
-        mask = jnp.asarray(mask, bool)
+        mask = mask.astype(bool) if isinstance(mask, jax.Array) else jax.device_put(np.asarray(mask, bool))
         _check_patch(name, value, mask, op, n_layers=n_layers, n_experts=n_experts)
         patches = dict(self.patches)
         patches[name] = (value, mask)
@@ -157,7 +158,9 @@ class Interventions:
         if not _is_tracer(experts) and not np.issubdtype(experts.dtype, np.integer):
             raise ValueError(f"force_routing: expert ids must be integers, got dtype {experts.dtype} "
                              f"(float ids would be truncated)")
-        return self.patch("blocks.moe.top_k_experts", jnp.asarray(experts, jnp.int32),
+        experts = (experts.astype(jnp.int32) if isinstance(experts, jax.Array)
+                   else np.ascontiguousarray(experts, np.int32))
+        return self.patch("blocks.moe.top_k_experts", experts,
                           layers=layers, positions=positions)
 
     def __repr__(self):

@@ -73,3 +73,14 @@ def test_on_model(golden_model, golden):
     assert len(df) == golden_model.cfg.num_layers * golden_model.cfg.num_q_heads
     assert df[["entropy", "first_token", "prev_token", "cap_binding"]].notna().all().all()
     assert (df["entropy"] <= np.log(24) + 1e-6).all() and df["first_token"].between(0, 1).all()
+
+
+def test_labels_group_size_and_real_are_checked():
+    with pytest.raises(ValueError, match="layers labels the 1 layer"):
+        A.head_summary(P, REAL, layers=[0, 1])
+    with pytest.raises(ValueError, match="group_size must be a positive int dividing the 2 heads"):
+        A.head_summary(P, REAL, group_size=3)
+    with pytest.raises(ValueError, match="group_size"):
+        A.gqa_group_summary(P, REAL, group_size=0)
+    with pytest.raises(ValueError, match=r"real has shape \(2, 2\)"):
+        A.head_entropy(P, REAL[:, :2])

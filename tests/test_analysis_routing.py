@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from grokviz.analysis import routing as R
+from grokviz.analysis import specialisation as S
 
 E = 4
 # [layer=2, batch=2, seq=4, k=2]; row 1 has padding at its last position (its routing must be ignored).
@@ -156,36 +157,36 @@ def test_token_class():
              "\u2581self_x": "identifier", "getValue": "identifier", "x2": "identifier", "\u2581the": "word",
              "Hello": "word", "don't": "word", "[PAD]": "other", "<s>": "other", "<0xE2>": "other"}
     for piece, want in cases.items():
-        assert R.token_class(piece) == want, piece
-    np.testing.assert_array_equal(R.vocab_classes(["\u2581the", "42"]), [5, 2])
+        assert S.token_class(piece) == want, piece
+    np.testing.assert_array_equal(S.vocab_classes(["\u2581the", "42"]), [5, 2])
 
 
 def test_group_counts_and_specialisation():
     # layer 0 of EXPERTS with groups: row 0 = group 0, row 1 = group 1 (padding excluded)
     groups = np.array([[0], [1]])
-    c = R.group_expert_counts(EXPERTS[:1], REAL, groups, 2, E)
+    c = S.group_expert_counts(EXPERTS[:1], REAL, groups, 2, E)
     np.testing.assert_array_equal(c[0], [[3, 2, 2, 1], [1, 1, 2, 2]])
-    df = R.specialisation(c, ["a", "b"])
+    df = S.specialisation(c, ["a", "b"])
     row = df[(df.expert == 0) & (df.group == "a")].iloc[0]
     assert row["share"] == pytest.approx(3 / 4) and row["base"] == pytest.approx(8 / 14)
     assert row["lift"] == pytest.approx((3 / 4) / (8 / 14)) and row["expert_share"] == pytest.approx(3 / 8)
-    ex = R.expert_specialisation(c, ["a", "b"])
+    ex = S.expert_specialisation(c, ["a", "b"])
     # mixes a:b -- e0 3:1, e1 2:1, e2 2:2, e3 1:2 against the layer's 8:6; e3 departs most, then e0
     assert ex["expert"].tolist()[:2] == [3, 0]
     p, q = np.array([1 / 3, 2 / 3]), np.array([8 / 14, 6 / 14])
     assert ex.iloc[0]["kl"] == pytest.approx(np.sum(p * np.log(p / q)))
     assert ex.iloc[0]["top_group"] == "b" and ex.iloc[0]["top_lift"] == pytest.approx((2 / 3) / (6 / 14))
     # uniform mix: KL 0
-    assert R.expert_specialisation(np.ones((1, 3, 4)), "xyz")["kl"].abs().max() < 1e-12
+    assert S.expert_specialisation(np.ones((1, 3, 4)), "xyz")["kl"].abs().max() < 1e-12
 
 
 def test_top_tokens():
     tokens = np.array([[5, 6, 5, 7], [6, 5, 7, 0]])
-    counts = R.token_expert_counts(EXPERTS[:1], REAL, tokens, 8, E)
+    counts = S.token_expert_counts(EXPERTS[:1], REAL, tokens, 8, E)
     # layer 0 token 5: slots (0,1) (3,0) (2,3) -> e0: 2, e1: 1, e2: 1, e3: 2
     np.testing.assert_array_equal(counts[0, 5], [2, 1, 1, 2])
     np.testing.assert_array_equal(counts[0].sum(0), R.expert_load(EXPERTS[:1], REAL, E)[0])
-    df = R.top_tokens(counts, k=2, min_count=2, pieces=[str(i) for i in range(8)])
+    df = S.top_tokens(counts, k=2, min_count=2, pieces=[str(i) for i in range(8)])
     top0 = df[(df.layer == 0) & (df.expert == 0)]
     # e0 is selected by 4 of 7 tokens; token 5 by 2 of its 3 (tokens 6 and 7: 1 of 2) -> best of those seen >= 2x
     assert top0["token_id"].tolist() == [5, 6]
@@ -220,3 +221,38 @@ def test_dataset_runner_matches_direct(golden_model, golden):
         st.specialisation("class")
     assert len(st.paths()) == (golden_model.cfg.num_layers - 1) * E * E
     assert k == 2
+
+
+def test_out_of_range_ids_and_layers_are_errors():
+    """Ids past num_experts were dropped by bincount (a silent wrong load) or crashed deep in numpy."""
+    bad = EXPERTS.copy()
+    bad[0, 0, 1, 1] = E  # a real position
+    for fn in (lambda: R.expert_load(bad, REAL, E), lambda: R.coactivation(bad, REAL, E),
+               lambda: R.routing_flow(bad, REAL, 0, E), lambda: S.group_expert_counts(bad, REAL, 0, 1, E)):
+        with pytest.raises(ValueError, match=r"expert id 4 is outside \[0, 4\)"):
+            fn()
+    pad_only = EXPERTS.copy()
+    pad_only[0, 1, 3] = 99  # at padding: ignored
+    np.testing.assert_array_equal(R.expert_load(pad_only, REAL, E), R.expert_load(EXPERTS, REAL, E))
+    with pytest.raises(ValueError, match="integers"):
+        R.expert_load(EXPERTS.astype(float), REAL, E)
+    for layer in (1, 5, -3):
+        with pytest.raises(ValueError, match="no next layer"):
+            R.routing_flow(EXPERTS, REAL, layer, E)
+    with pytest.raises(ValueError, match=r"group id 2 is outside \[0, 2\)"):
+        S.group_expert_counts(EXPERTS, REAL, np.array([[0], [2]]), 2, E)
+    with pytest.raises(ValueError, match=r"token id 8 is outside \[0, 8\)"):
+        S.token_expert_counts(EXPERTS, REAL, np.full((2, 4), 8), 8, E)
+    with pytest.raises(ValueError, match="3 group names for 2 groups"):
+        S.specialisation(np.ones((1, 2, E)), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="real has shape"):
+        R.expert_load(EXPERTS, REAL[:, :3], E)
+
+
+def test_dataset_runner_argument_bounds(golden_model):
+    from grokviz.analysis import dataset as D
+
+    for kw, msg in [(dict(batch_size=0), "batch_size"), (dict(max_len=33), r"max_len must be an int \[1, 32\]"),
+                    (dict(min_tokens=0), "min_tokens")]:
+        with pytest.raises(ValueError, match=msg):
+            next(D.batches(golden_model, [[5, 6, 7]], progress=False, **kw))

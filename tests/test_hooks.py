@@ -43,6 +43,12 @@ def test_layer_indexing_and_hook_consistency(full_run, golden):
     np.testing.assert_array_equal(full_run.cache["blocks.moe.router_probs", 1],
                                   np.asarray(full_run.cache["blocks.moe.router_probs"])[1])
     np.testing.assert_array_equal(full_run.cache["blocks.moe.router_probs", -1], full_run.cache["blocks.moe.router_probs", 1])
+    # out-of-range layers are errors (jax used to clamp them to the last layer)
+    for layer in (2, 100, -3):
+        with pytest.raises(IndexError, match=re.escape(f"layer {layer} is outside the model's 2 layers [-2, 2)")):
+            full_run.cache["blocks.moe.router_probs", layer]
+    with pytest.raises(TypeError, match="layer must be an int"):
+        full_run.cache["blocks.moe.router_probs", 0.0]
     # the expert load hook counts real tokens only (row 1 has 7 pad positions)
     load = np.asarray(full_run.cache["blocks.moe.expert_load"])
     assert load.sum(axis=1).tolist() == [(24 + 17) * 2] * 2
@@ -90,12 +96,15 @@ def test_attention_for_selected_layers_and_heads_only(golden_model, golden, full
     assert run.cache["blocks.attn.entropy"].shape[0] == 2  # reduced summaries keep every layer
     with pytest.raises(KeyError, match="captured for layers \\[1\\] only"):
         run.cache["blocks.attn.pattern", 0]
+    same(run.cache["blocks.attn.pattern", -1], full[1][:, [0, 3]], **kw)  # -1 = the last layer, which was kept
+    with pytest.raises(IndexError, match="outside the model's 2 layers"):
+        run.cache["blocks.attn.pattern", 2]
     same(run.logits, full_run.logits, **kw)
     with pytest.raises(ValueError, match="AttentionSpec.heads contains 9"):
         golden_model.run(z["tokens"], capture=["blocks.attn.pattern"], attention=gv.AttentionSpec(heads=(9,)))
 
 
-def test_python_callback_hook(golden_model, golden):
+def test_python_callback_hook(golden_model, golden, full_run):
     z = golden[2]
     seen = []
 
@@ -103,8 +112,12 @@ def test_python_callback_hook(golden_model, golden):
         seen.append(layer)
         return value * 2.0
 
-    run = golden_model.run(z["tokens"], callbacks={"blocks.attn.post_norm": double_attn})
-    assert seen  # traced (once per compile)
+    run = golden_model.run(z["tokens"], callbacks={"blocks.attn.post_norm": double_attn},
+                           capture=["blocks.attn.post_norm"])
+    assert len(seen) >= 1  # traced (once per compile)
+    # the capture records the callback's output; layer 0's input is untouched, so it is exactly twice the plain one
+    np.testing.assert_allclose(run.cache["blocks.attn.post_norm", 0], 2 * full_run.cache["blocks.attn.post_norm", 0],
+                               rtol=1e-6)
     assert not np.allclose(run.logits, golden_model.run(z["tokens"]).logits)
     with pytest.raises(KeyError, match="Unknown hook name"):
         golden_model.run(z["tokens"], callbacks={"blocks.attn.postnorm": double_attn})

@@ -1,5 +1,7 @@
 """Interventions as data: no-ops are bit-identical, each semantics does what it says, values never recompile."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 import grokviz as gv
 from grokviz import api
-from grokviz.interventions import stack
+from grokviz.interventions import check_interventions, stack
 
 ROUTING = ["blocks.moe.*", "blocks.resid_post"]
 
@@ -157,6 +159,11 @@ def test_vmapped_ablations_equal_one_by_one(golden_model, golden, none):
         one = golden_model.run(toks, capture=["blocks.moe.expert_load"], interventions=iv)
         np.testing.assert_allclose(logits[i], one.logits, atol=1e-6)
         np.testing.assert_array_equal(cache["blocks.moe.expert_load"][i], one.cache["blocks.moe.expert_load"])
+        # layer indexing knows the variant axis (it used to pick variant 1 for layer 1)
+        np.testing.assert_array_equal(cache["blocks.moe.expert_load", -1][i], one.cache["blocks.moe.expert_load", 1])
+    assert cache["blocks.moe.expert_load", 1].shape == (len(ivs), 8)
+    with pytest.raises(IndexError, match="outside the model's 2 layers"):
+        cache["blocks.moe.expert_load", 2]
 
 
 def test_grad_through_expert_scale_matches_finite_differences(golden, none):
@@ -186,3 +193,117 @@ def test_stack_requires_same_patch_structure(golden, none):
 def test_repr_is_readable(none):
     assert repr(none) == "Interventions(none)"
     assert repr(none.remove_expert(1, 3).ablate_head(0, 2)) == "Interventions(remove L1E3; heads L0H2)"
+
+
+# ----------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("edit,msg", [
+    (lambda iv: iv.remove_expert(2, 0), r"remove_expert: layer 2 is outside the 2 layers \[-2, 2\)"),
+    (lambda iv: iv.remove_expert(0, 8), r"remove_expert: expert 8 is outside the 8 experts \[-8, 8\)"),
+    (lambda iv: iv.zero_expert(-3, 0), "zero_expert: layer -3"),
+    (lambda iv: iv.ablate_head(0, 4), r"ablate_head: head 4 is outside the 4 heads \[-4, 4\)"),
+    (lambda iv: iv.ablate_head(0, [1, 9]), "head 9"),
+    (lambda iv: iv.ablate_head(0, 1.0), "must be an int"),
+    (lambda iv: iv.with_router(5, temperature=2.0), "with_router: layer 5"),
+    (lambda iv: iv.zero_expert(slice(0, 9), 0), "layer slice"),
+    (lambda iv: iv.with_router(temperature=0.0), "router temperature must be > 0"),
+    (lambda iv: iv.with_router(temperature=-1.0), "router temperature must be > 0"),
+    (lambda iv: iv.with_router(temperature=np.nan), "router_temperature must be finite"),
+    (lambda iv: iv.with_router(temperature=np.inf), "router_temperature must be finite"),
+    (lambda iv: iv.zero_expert(0, 1, scale=np.nan), "expert_scale must be finite"),
+    (lambda iv: iv.ablate_head(0, 1, scale=-np.inf), "head_scale must be finite"),
+    (lambda iv: iv.with_router(0, bias=np.full(8, np.inf)), "router_bias must be finite"),
+    (lambda iv: iv.with_router(0, bias=np.zeros(7)), r"shape \(7,\), which does not fit the selected \(8,\)"),
+    (lambda iv: iv.remove_expert(0, slice(None)), "removes all 8 experts at layer 0"),
+    (lambda iv: iv.patch("blocks.resid_post", np.zeros((2, 2, 24, 64), np.float32), positions=[24]),
+     "position 24 is outside the 24 positions"),
+    (lambda iv: iv.patch("blocks.resid_post", np.zeros((2, 2, 24, 64), np.float32), layers=[2]), "layer 2"),
+    (lambda iv: iv.patch("blocks.resid_post", np.full((2, 2, 24, 64), np.nan, np.float32)), "non-finite"),
+    (lambda iv: iv.patch("blocks.resid_post", np.zeros((2, 2, 24, 64), np.float32), mask=np.ones((2, 24), bool)),
+     r"mask has shape \(2, 24\), but it must be \[layer, batch, seq\]"),
+])
+def test_edits_check_indices_and_values(none, edit, msg):
+    """Out-of-range indices were dropped by .at[].set (no ablation happened); bad values gave NaN logits."""
+    with pytest.raises(ValueError, match=msg):
+        edit(none)
+
+
+def test_forced_routing_ids_are_checked(none):
+    ex = np.zeros((2, 2, 24, 2), np.int32)
+    for bad in (99, -1, 8):  # 99: NaN logits, -1: wrapped to expert 7
+        e = ex.copy()
+        e[1, 0, 3, 1] = bad
+        with pytest.raises(ValueError, match=rf"expert id {bad} is outside the 8 experts \[0, 8\)"):
+            none.force_routing(e)
+    with pytest.raises(ValueError, match="expert ids must be integers"):
+        none.force_routing(ex + 0.7)  # used to truncate to 0
+    with pytest.raises(ValueError, match="expert ids must be integers"):
+        none.patch("blocks.moe.top_k_experts", ex.astype(np.float32))
+
+
+def test_run_checks_hand_built_interventions(golden_model, golden, none):
+    toks = golden[2]["tokens"]
+
+    def built(**fields):
+        return dataclasses.replace(none, **fields)
+
+    ones = jnp.ones((2, 2, 24), bool)
+    cases = [
+        (built(router_temperature=jnp.zeros(2, jnp.float32)), "router temperature must be > 0"),
+        (built(expert_scale=jnp.full((2, 8), jnp.nan, jnp.float32)), "expert_scale must be finite"),
+        (built(expert_remove=jnp.zeros((2, 8), bool).at[1, :7].set(True)),
+         "remove 7 of 8 experts at layer 1, but top_k=2 needs 2 left: remove at most 6"),
+        (built(expert_remove=jnp.zeros((2, 8), jnp.float32)), "expert_remove must be boolean"),
+        (built(head_scale=jnp.ones((2, 5), jnp.float32)), r"head_scale has shape \(2, 5\), but the model needs"),
+        (built(patches={"blocks.moe.top_k_experts": (jnp.full((2, 2, 24, 2), 99, jnp.int32), ones)}), "expert id 99"),
+        (built(patches={"blocks.moe.top_k_experts": (jnp.zeros((2, 2, 24, 3), jnp.int32), ones)}),
+         r"needs \(2, 2, 24, 2\)"),
+        # one position short: was zero-padded by bucketing and applied
+        (built(patches={"blocks.resid_post": (jnp.zeros((2, 2, 23, 64), jnp.float32), ones)}),
+         r"value has shape \(2, 2, 23, 64\), but this run needs \(2, 2, 24, 64\)"),
+        (built(patches={"blocks.resid_post": (jnp.zeros((2, 2, 24, 64), jnp.float32), ones.astype(jnp.int32))}),
+         "mask must be boolean"),
+    ]
+    for iv, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            golden_model.run(toks, interventions=iv)
+    with pytest.raises(ValueError, match="exactly"):  # d_model = 1 used to broadcast over the residual stream
+        golden_model.run(toks, interventions=none.patch("blocks.resid_post", np.zeros((2, 2, 24, 1), np.float32)))
+    six = none.remove_expert(0, [0, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="top_k=3 needs 3 left: remove at most 5"):
+        golden_model.run(toks, interventions=six, top_k=3)
+    with pytest.raises(ValueError, match=r"variant 1\).*remove at most 6"):
+        golden_model.run_many(toks, [none, built(expert_remove=jnp.zeros((2, 8), bool).at[0, 1:].set(True))])
+
+
+def test_checks_skip_traced_values_but_keep_shapes(golden, none):
+    cfg, params, z = golden
+    toks = jnp.asarray(z["tokens"])
+
+    def loss(scale):
+        iv = none.zero_expert(1, 2, scale=scale).with_router(0, temperature=1.0 + scale)
+        check_interventions(iv, cfg, toks.shape)
+        return jnp.sum(gv.forward(params, toks, cfg, interventions=iv).logits[:, -1, :4])
+
+    assert np.isfinite(float(jax.grad(loss)(jnp.float32(0.5))))
+    bad = gv.Interventions(**{**none.split()[0], "head_scale": jnp.ones((2, 3), jnp.float32)})
+    with pytest.raises(ValueError, match="head_scale has shape"):
+        jax.jit(lambda iv: check_interventions(iv, cfg, toks.shape) or iv.head_scale)(bad)
+
+
+def test_run_records_its_settings_and_reruns(golden_model, golden, none):
+    toks = golden[2]["tokens"]
+    iv = none.remove_expert(1, 3)
+    run = golden_model.run(toks, capture=["blocks.moe.top_k_experts"], top_k=3, interventions=iv)
+    assert run.cfg.top_k == 3 and golden_model.cfg.top_k == 2  # widgets read baselines from run.cfg
+    assert run.cache["blocks.moe.top_k_experts"].shape[-1] == 3
+    assert run.interventions is iv and run.capture == {"blocks.moe.top_k_experts"} and run.bucket
+    assert run.expert_impl == "sparse" and run.attention == gv.AttentionSpec()
+    again = run.rerun()
+    assert again.cfg.top_k == 3
+    np.testing.assert_array_equal(again.logits, run.logits)
+    plain = run.rerun(interventions=None)
+    assert plain.interventions is None and not np.allclose(plain.logits, run.logits)
+    np.testing.assert_array_equal(run.positions(1), np.arange(17))  # row 1 ends in 7 pad positions
+    np.testing.assert_array_equal(run.positions(-2), np.arange(24))
+    with pytest.raises(IndexError, match="row 2 is outside the batch of 2"):
+        run.positions(2)

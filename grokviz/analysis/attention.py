@@ -27,7 +27,20 @@ def _layered(x, ndim):
 
 
 def _real(real, batch, seq):
-    return np.ones((batch, seq), bool) if real is None else np.asarray(real).astype(bool)
+    if real is None:
+        return np.ones((batch, seq), bool)
+    real = np.asarray(real).astype(bool)
+    if real.shape != (batch, seq):
+        raise ValueError(f"real has shape {real.shape}, expected [batch, seq] = {(batch, seq)}")
+    return real
+
+
+def _check_group_size(group_size, n_heads):
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1 \
+            or n_heads % group_size:
+        raise ValueError(f"group_size must be a positive int dividing the {n_heads} heads, got {group_size!r}")
 
 
 def _first_real(real):
@@ -84,6 +97,9 @@ def sums_to_frame(sums: dict, layers=None, group_size: int | None = None) -> pd.
         raise ValueError("no attention statistics were computed; give a pattern, an entropy or logits")
     n_layers, n_heads = np.shape(sums[stats[0]])
     layers = np.arange(n_layers) if layers is None else np.asarray(layers)
+    if layers.shape != (n_layers,):
+        raise ValueError(f"layers labels the {n_layers} layer(s) of the statistics, got {layers.tolist()}")
+    _check_group_size(group_size, n_heads)
     lay, head = np.meshgrid(layers, np.arange(n_heads), indexing="ij")
     df = pd.DataFrame({"layer": lay.ravel(), "head": head.ravel()})
     if group_size:
@@ -135,6 +151,7 @@ def gqa_group_summary(pattern, real, group_size: int, logits=None, *, layers=Non
     (over real queries; 1 = the group's heads attend identically)."""
     p = _layered(pattern, 5).astype(np.float64)
     real = _real(real, p.shape[1], p.shape[3])
+    _check_group_size(group_size, p.shape[2])
     heads = head_summary(p, real, logits, group_size=group_size, layers=layers)
     stats = [c for c in ("entropy", "first_token", "prev_token", "cap_binding") if c in heads]
     g = heads.groupby(["layer", "kv_head"])[stats]

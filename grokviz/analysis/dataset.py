@@ -22,15 +22,17 @@ import numpy as np
 import pandas as pd
 
 from ..api import bucket_length
+from ..config import is_real
 from . import attention as A
 from . import routing as R
+from . import specialisation as S
 
 __all__ = ["default_dataset", "batches", "routing_stats", "attention_stats", "RoutingStats", "AttentionStats"]
 
 
 def default_dataset(split: str = "validation") -> list[dict]:
     """The bundled corpus's documents of ``split`` (dicts with ``text`` and ``domain``; see grokviz/corpus)."""
-    from ..corpus.build import load
+    from ..corpus import load
 
     return load(split=split)
 
@@ -57,7 +59,7 @@ def _encode(model, item) -> tuple[np.ndarray, object]:
         ids = np.asarray(model.tokenizer.encode(item), np.int32)
     else:
         ids = np.asarray(item, np.int32).ravel()
-        ids = ids[ids != model.cfg.pad_token]
+        ids = ids[is_real(ids, model.cfg.pad_token)]
     return ids, domain
 
 
@@ -67,7 +69,12 @@ def batches(model, data=None, *, batch_size: int = 8, max_len: int | None = None
     ``with_domains`` (one label per row, None for filler rows). Windows shorter than ``min_tokens`` are skipped."""
     from tqdm.auto import tqdm
 
-    max_len = max_len or model.cfg.sequence_len
+    max_len = model.cfg.sequence_len if max_len is None else max_len
+    for name, v, lo, hi in (("batch_size", batch_size, 1, None), ("max_len", max_len, 1, model.cfg.sequence_len),
+                            ("min_tokens", min_tokens, 1, None)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+            bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"{name} must be an int {bound}, got {v!r}")
     items = _items(data)
     total = len(items) if hasattr(items, "__len__") else None
     bar = tqdm(items, total=total, desc=desc or "documents", disable=not progress, leave=True)
@@ -149,7 +156,7 @@ class RoutingStats:
         if by == "class":
             if self.class_counts is None:
                 raise ValueError("token classes need a tokenizer (the model had none)")
-            return self.class_counts, R.TOKEN_CLASSES
+            return self.class_counts, S.TOKEN_CLASSES
         if by == "domain":
             names = sorted(self.domain_counts)
             if not names:
@@ -159,16 +166,16 @@ class RoutingStats:
 
     def specialisation(self, by: str = "class") -> pd.DataFrame:
         """Tidy (layer, expert, group) table of :func:`routing.specialisation`; ``by``: "class" or "domain"."""
-        return R.specialisation(*self._groups(by))
+        return S.specialisation(*self._groups(by))
 
     def expert_specialisation(self, by: str = "class") -> pd.DataFrame:
         """Per (layer, expert) KL of its group mix from the layer's, most specialised first."""
-        return R.expert_specialisation(*self._groups(by))
+        return S.expert_specialisation(*self._groups(by))
 
     def top_tokens(self, k: int = 10, min_count: int = 5) -> pd.DataFrame:
         if self.token_counts is None:
             raise ValueError("per-token counts were not collected (token_stats=False)")
-        return R.top_tokens(self.token_counts, k=k, min_count=min_count, pieces=self.pieces, top_k=self.top_k)
+        return S.top_tokens(self.token_counts, k=k, min_count=min_count, pieces=self.pieces, top_k=self.top_k)
 
 
 def routing_stats(model, data=None, *, batch_size: int = 8, max_len: int | None = None, token_stats: bool = True,
@@ -181,12 +188,12 @@ def routing_stats(model, data=None, *, batch_size: int = 8, max_len: int | None 
     L, E, k = cfg.num_layers, cfg.num_experts, cfg.top_k
     tok = model.tokenizer
     pieces = [tok.id_to_piece(i) for i in range(cfg.vocab_size)] if tok is not None else None
-    classes = R.vocab_classes(pieces) if pieces is not None else None
+    classes = S.vocab_classes(pieces) if pieces is not None else None
     st = RoutingStats(E, k, np.zeros((L, E), np.int64), np.zeros((L, E, E), np.int64), np.zeros((L, 3), np.int64),
                       np.zeros((max(L - 1, 0), E, E), np.int64),
                       {"entropy": np.zeros(L), "gate_mass": np.zeros(L), "z_loss": np.zeros(L),
                        "prob": np.zeros((L, E))}, 0,
-                      None if classes is None else np.zeros((L, len(R.TOKEN_CLASSES), E), np.int64),
+                      None if classes is None else np.zeros((L, len(S.TOKEN_CLASSES), E), np.int64),
                       np.zeros((L, cfg.vocab_size, E), np.int64) if token_stats else None, {}, pieces)
     capture = ["blocks.moe.top_k_experts", "blocks.moe.router_probs", "blocks.moe.router_logits",
                "blocks.moe.top_k_weights"]
@@ -212,9 +219,9 @@ def _update_routing(st: RoutingStats, c, toks, real, domains, classes):
     st.sums["z_loss"] += R.router_z_loss(c["blocks.moe.router_logits"], real) * n
     st.sums["prob"] += np.einsum("lbte,bt->le", c["blocks.moe.router_probs"].astype(np.float64), real)
     if st.class_counts is not None:
-        st.class_counts += R.group_expert_counts(ex, real, classes[toks], len(R.TOKEN_CLASSES), E)
+        st.class_counts += S.group_expert_counts(ex, real, classes[toks], len(S.TOKEN_CLASSES), E)
     if st.token_counts is not None:
-        st.token_counts += R.token_expert_counts(ex, real, toks, st.token_counts.shape[1], E)
+        st.token_counts += S.token_expert_counts(ex, real, toks, st.token_counts.shape[1], E)
     for d in set(domains) - {None}:
         rows = np.asarray([x == d for x in domains])
         cnt = R.expert_load(ex, real & rows[:, None], E)

@@ -1,4 +1,7 @@
-"""Routing statistics from captures, padding excluded, each with its random baseline where one exists.
+"""Routing statistics from captures, padding excluded, each with its random baseline where one exists: expert
+load and its balance, router entropy and gate mass, auxiliary losses, co-activation, consecutive-token rates and
+layer-to-layer paths. What each expert specialises in (token classes, domains, preferred tokens) is in
+:mod:`grokviz.analysis.specialisation`.
 
 Inputs are the ``blocks.moe.*`` captures (anything ``np.asarray`` accepts, jax arrays included):
 
@@ -27,8 +30,7 @@ import pandas as pd
 __all__ = [
     "expert_load", "load_share", "load_cv", "routing_entropy", "gate_mass", "coactivation", "consecutive_counts",
     "consecutive_rates", "consecutive_baselines", "routing_flow", "routing_paths", "switch_aux_loss",
-    "router_z_loss", "load_baseline_cv", "routing_summary", "TOKEN_CLASSES", "token_class", "vocab_classes",
-    "group_expert_counts", "specialisation", "expert_specialisation", "token_expert_counts", "top_tokens",
+    "router_z_loss", "load_baseline_cv", "routing_summary", "paths_frame",
 ]
 
 
@@ -54,6 +56,20 @@ def _real(real, shape) -> np.ndarray:
     return real
 
 
+def _check_ids(ids, n: int, what: str, real=None) -> np.ndarray:
+    """Integer ids (at real positions, when ``real`` [batch, seq] is given) must lie in ``[0, n)``."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what} ids must be integers, got dtype {ids.dtype}")
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"the number of {what}s must be a positive int, got {n!r}")
+    sel = ids if real is None else ids[..., real, :] if ids.ndim >= 3 else ids[real]
+    bad = sel[(sel < 0) | (sel >= n)]
+    if bad.size:
+        raise ValueError(f"{what} id {int(bad.ravel()[0])} is outside [0, {n}) ({n} {what}s)")
+    return ids
+
+
 def _masked_mean(per_token: np.ndarray, real: np.ndarray) -> np.ndarray:
     """per_token [layer, batch, seq] -> [layer] mean over real positions (nan when there are none)."""
     n = real.sum()
@@ -70,6 +86,7 @@ def expert_load(experts, real, num_experts: int) -> np.ndarray:
     """
     experts = _layered(experts, 1)
     real = _real(real, experts.shape[1:3])
+    _check_ids(experts, num_experts, "expert", real)
     n_layers = experts.shape[0]
     out = np.zeros((n_layers, num_experts), np.int64)
     for layer in range(n_layers):
@@ -160,6 +177,7 @@ def coactivation(experts, real, num_experts: int) -> np.ndarray:
     P(j selected | i selected). Under uniform routing that conditional is ``(k - 1) / (E - 1)``."""
     experts = _layered(experts, 1)
     real = _real(real, experts.shape[1:3])
+    _check_ids(experts, num_experts, "expert", real)
     n_layers, k = experts.shape[0], experts.shape[-1]
     out = np.zeros((n_layers, num_experts, num_experts), np.int64)
     for layer in range(n_layers):
@@ -226,10 +244,16 @@ def routing_flow(experts, real, layer: int, num_experts: int | None = None) -> n
     experts = _layered(experts, 1)
     real = _real(real, experts.shape[1:3])
     n_layers = experts.shape[0]
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(f"layer must be an int, got {layer!r}")
+    if not -n_layers <= layer < n_layers - 1:
+        raise ValueError(f"layer {layer} has no next layer: with {n_layers} layers it must be in "
+                         f"[-{n_layers}, {n_layers - 1})")
     layer = layer + n_layers if layer < 0 else layer
-    if not 0 <= layer < n_layers - 1:
-        raise ValueError(f"layer must have a next layer: got {layer} with {n_layers} layers")
+    if layer == n_layers - 1:
+        raise ValueError(f"layer {layer - n_layers} is the last of {n_layers} layers: it has no next layer")
     e = int(experts.max()) + 1 if num_experts is None else num_experts
+    _check_ids(experts[layer:layer + 2], e, "expert", real)
     a = experts[layer, ..., 0][real]
     b = experts[layer + 1, ..., 0][real]
     return np.bincount(a * e + b, minlength=e * e)[: e * e].reshape(e, e).astype(np.int64)
@@ -289,150 +313,3 @@ def routing_summary(cache, real, num_experts: int) -> pd.DataFrame:
         cols["router_z_loss"] = router_z_loss(cache["blocks.moe.router_logits"], real)
     n_layers = max((np.size(v) for v in cols.values()), default=0)
     return pd.DataFrame({"layer": np.arange(n_layers), **cols})
-
-
-# ----------------------------------------------------------------------------------------------- specialisation
-TOKEN_CLASSES = ("whitespace", "punctuation", "digits", "keyword", "identifier", "word", "other")
-_SPACE = "\u2581"  # SentencePiece's visible space
-
-
-def token_class(piece: str) -> str:
-    """Classify a token string (a SentencePiece piece, ``▁`` = space) into one of :data:`TOKEN_CLASSES`.
-
-    * whitespace — only spaces / ``▁`` / tabs / newlines (indentation, line breaks);
-    * punctuation — no letters or digits after stripping spaces (``(``, ``):``, ``==``, ``."``);
-    * digits — only digits;
-    * keyword — a Python keyword (``def``, ``return``, ``None``, ...);
-    * identifier — code-like names: contain ``_``, mix letters and digits, or are camelCase;
-    * word — other purely alphabetic pieces (with ``'`` or ``-`` allowed inside);
-    * other — control tokens (``[PAD]``, ``<0x0A>`` byte fallbacks, ``<s>``) and mixtures."""
-    import keyword
-
-    if piece.startswith("<0x") and piece.endswith(">"):
-        byte = int(piece[3:-1], 16)
-        return "whitespace" if chr(byte) in " \t\n\r" else "other"
-    if (piece.startswith("[") and piece.endswith("]") and piece[1:-1].isupper()) or \
-            (piece.startswith("<") and piece.endswith(">") and len(piece) > 2):
-        return "other"
-    s = piece.replace(_SPACE, " ")
-    core = s.strip()
-    if not core:
-        return "whitespace" if s else "other"
-    if not any(c.isalnum() for c in core):
-        return "punctuation"
-    if core.isdigit():
-        return "digits"
-    if keyword.iskeyword(core):
-        return "keyword"
-    if core.replace("_", "a").isalnum() and not core[0].isdigit():
-        has_alpha, has_digit = any(c.isalpha() for c in core), any(c.isdigit() for c in core)
-        camel = any(a.islower() and b.isupper() for a, b in zip(core, core[1:]))
-        if "_" in core or (has_alpha and has_digit) or camel:
-            return "identifier"
-        if core.isalpha():
-            return "word"
-    if core.replace("'", "").replace("-", "").isalpha():
-        return "word"
-    return "other"
-
-
-def vocab_classes(pieces) -> np.ndarray:
-    """int [vocab]: index into :data:`TOKEN_CLASSES` of each piece (e.g. ``[tok.id_to_piece(i) for i ...]``)."""
-    return np.asarray([TOKEN_CLASSES.index(token_class(p)) for p in pieces], np.int64)
-
-
-def group_expert_counts(experts, real, groups, num_groups: int, num_experts: int) -> np.ndarray:
-    """[layer, group, expert] int64: routed token-slots (all k) per token group, padding excluded.
-
-    ``groups``: int [batch, seq] group id per token (a token class, a domain per row broadcast over seq, ...)."""
-    experts = _layered(experts, 1)
-    real = _real(real, experts.shape[1:3])
-    groups = np.broadcast_to(np.asarray(groups), real.shape)[real]
-    out = np.zeros((experts.shape[0], num_groups, num_experts), np.int64)
-    for layer in range(experts.shape[0]):
-        sel = experts[layer][real]  # [n, k]
-        flat = np.repeat(groups, sel.shape[1]) * num_experts + sel.ravel()
-        out[layer] = np.bincount(flat, minlength=num_groups * num_experts).reshape(num_groups, num_experts)
-    return out
-
-
-def specialisation(counts, names) -> pd.DataFrame:
-    """Tidy table from [layer, group, expert] slot counts: what each expert's tokens are made of.
-
-    Columns: layer, expert, group, count, share (P(group | routed to expert)), base (P(group) over all routed
-    slots of the layer), lift (share / base; 1 = no preference), expert_share (P(expert | group); uniform is
-    1/E)."""
-    counts = np.asarray(counts, np.float64)
-    n_layers, n_groups, n_exp = counts.shape
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = counts / counts.sum(1, keepdims=True)
-        base = counts.sum(2, keepdims=True) / counts.sum((1, 2), keepdims=True)
-        lift = share / base
-        expert_share = counts / counts.sum(2, keepdims=True)
-    layer, group, expert = np.meshgrid(np.arange(n_layers), np.arange(n_groups), np.arange(n_exp), indexing="ij")
-    return pd.DataFrame({"layer": layer.ravel(), "expert": expert.ravel(),
-                         "group": np.asarray(list(names), dtype=object)[group.ravel()],
-                         "count": counts.ravel().astype(np.int64), "share": share.ravel(),
-                         "base": np.broadcast_to(base, counts.shape).ravel(), "lift": lift.ravel(),
-                         "expert_share": expert_share.ravel()}).sort_values(["layer", "expert", "group"],
-                                                                             ignore_index=True)
-
-
-def expert_specialisation(counts, names) -> pd.DataFrame:
-    """One row per (layer, expert): how far its group mix departs from the layer's, sorted most specialised first.
-
-    ``kl`` = KL(P(group | expert) || P(group)) in nats (0 = the expert sees the same mix as the layer);
-    ``top_group`` the group with the largest lift among groups with at least 1% of the expert's slots, with its
-    ``top_share`` and ``top_lift``."""
-    counts = np.asarray(counts, np.float64)
-    names = np.asarray(list(names), dtype=object)
-    rows = []
-    for layer in range(counts.shape[0]):
-        c = counts[layer]  # [group, expert]
-        base = c.sum(1) / max(c.sum(), 1)
-        for e in range(c.shape[1]):
-            n = c[:, e].sum()
-            if n == 0:
-                rows.append((layer, e, 0, np.nan, None, np.nan, np.nan))
-                continue
-            p = c[:, e] / n
-            nz = p > 0
-            kl = float(np.sum(p[nz] * np.log(p[nz] / base[nz])))
-            lift = np.where(p >= 0.01, p / np.where(base > 0, base, np.inf), -np.inf)
-            g = int(np.argmax(lift))
-            rows.append((layer, e, int(n), kl, names[g], float(p[g]), float(lift[g])))
-    df = pd.DataFrame(rows, columns=["layer", "expert", "n_slots", "kl", "top_group", "top_share", "top_lift"])
-    return df.sort_values("kl", ascending=False, ignore_index=True)
-
-
-def token_expert_counts(experts, real, tokens, vocab_size: int, num_experts: int) -> np.ndarray:
-    """[layer, vocab, expert] int64: routed token-slots per token id (all k slots), padding excluded."""
-    return group_expert_counts(experts, real, np.asarray(tokens), vocab_size, num_experts)
-
-
-def top_tokens(counts, k: int = 10, min_count: int = 5, pieces=None, top_k: int = 2) -> pd.DataFrame:
-    """The vocabulary each expert prefers, from [layer, vocab, expert] slot counts (``top_k`` slots per token).
-
-    For token v and expert e: ``share`` = fraction of v's occurrences that selected e (in any of the k slots; at
-    most 1); ``lift`` = share over the fraction of all tokens that selected e (1 = the expert sees v at its base
-    rate). Tokens seen fewer than ``min_count`` times are skipped. Returns the ``k`` highest-lift tokens per
-    (layer, expert), ties broken by count: layer, expert, rank, token_id, token (the piece when ``pieces`` is
-    given), freq (occurrences of v), count (occurrences of v routed to e), share, lift."""
-    counts = np.asarray(counts, np.float64)
-    rows = []
-    for layer in range(counts.shape[0]):
-        c = counts[layer]  # [vocab, expert]
-        freq = c.sum(1) / top_k
-        base = c.sum(0) / max(freq.sum(), 1)
-        ok = freq >= min_count
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = c / freq[:, None]
-            lift = share / base[None]
-        for e in range(c.shape[1]):
-            cand = np.flatnonzero(ok & (c[:, e] > 0))
-            order = cand[np.lexsort((-c[cand, e], -lift[cand, e]))][:k]
-            for r, v in enumerate(order):
-                rows.append((layer, e, r, int(v), None if pieces is None else pieces[v], int(round(freq[v])),
-                             int(c[v, e]), float(share[v, e]), float(lift[v, e])))
-    return pd.DataFrame(rows, columns=["layer", "expert", "rank", "token_id", "token", "freq", "count", "share",
-                                       "lift"])
