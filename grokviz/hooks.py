@@ -1,8 +1,35 @@
-"""The hook registry: every capture point's name, axes, dtype, cost and meaning, declared once.
+"""The hook registry: every capture point's name, axes, dtype, cost and meaning, declared once; and the one
+contract of what capturing, patching and calling back at a hook do.
 
 Names follow the project's conventions: ``blocks.*`` hooks live inside the scanned block and come out with a
 leading ``layer`` axis; top-level hooks have none. Selections are validated globs; unknown names raise a
 ``KeyError`` that lists the closest registered names.
+
+**The capture contract** (implemented by :class:`Point`; every forward path goes through it):
+
+* *Where.* The model calls ``point(name, value)`` once per hook per layer, in data-flow order (embed.out;
+  then per layer resid_pre, the attention hooks, resid_mid, the MoE hooks, resid_post; then final_norm.out
+  and unembed.logits). ``value`` is one layer's activation: the hook's axes
+  without ``layer`` (e.g. ``[batch, seq, d_model]``), in the hook's registered dtype (float32 activations,
+  int32 indices and counts).
+* *Order at one hook.* First the **patch** (``Interventions.patch``): ``where(mask, patch_value, value)``
+  with the mask ``[batch, seq]`` of this layer broadcast over the other axes and the patch value cast to the
+  value's dtype. Then the **callback** ``fn(value, layer) -> value``, which sees the patched value and must
+  return an array of the same shape and dtype (else ``ValueError``). Then **capture**: the value after patch
+  and callback is recorded. Whatever comes out flows on into the rest of the model.
+* *Layers.* For ``blocks.*`` hooks, ``layer`` is the layer number as a traced int32 scalar (use it with
+  ``jnp``/``lax``, not Python ``if``); for top-level hooks it is None. Callbacks are Python functions called
+  while tracing, exactly once per trace of the scanned block (``lax.scan``: once for all layers; ``unroll``:
+  once per layer); they are static, so changing them recompiles. Captured ``blocks.*`` values are stacked
+  over the layers run into a leading ``layer`` axis.
+* *Computed on demand.* Some hooks are only computed when captured, patched or called back
+  (:meth:`Point.wants`, :meth:`Point.patched`): the attention maps and their summaries, ``moe.expert_load``.
+  The queries and keys are captured from a copy of the computation (equal to fp32 rounding), so that capture
+  leaves the logits bit for bit unchanged; a patch or callback on them acts on the main computation.
+* *Attention maps of some layers/heads* (:class:`AttentionSpec`): ``attn.logits``/``scores``/``pattern`` are
+  then stacked over the selected layers only, with the selected heads only; the run's ``layout`` (and
+  :class:`grokviz.cache.ActivationCache`) say which. Patches and callbacks on them still see every layer and
+  head.
 """
 
 from __future__ import annotations
@@ -10,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from typing import Iterable
+from collections.abc import Iterable
 
 from .axes import AXES
 
@@ -54,9 +81,11 @@ _HOOKS = [
     Hook("blocks.attn.head_out", _B + ("head", "head_dim"), "float32", "heavy",
          "per-head attention output (pattern @ v) before the output projection"),
     Hook("blocks.attn.out", _B + ("d_model",), "float32", "cheap", "attention output projection, before the post-norm"),
-    Hook("blocks.attn.post_norm", _B + ("d_model",), "float32", "cheap", "the attention write into the residual stream"),
+    Hook("blocks.attn.post_norm", _B + ("d_model",), "float32", "cheap",
+         "the attention write into the residual stream"),
     Hook("blocks.resid_mid", _B + ("d_model",), "float32", "cheap", "residual stream after attention"),
-    Hook("blocks.moe.pre_norm", _B + ("d_model",), "float32", "cheap", "router and expert input, rms_norm_2(resid_mid)"),
+    Hook("blocks.moe.pre_norm", _B + ("d_model",), "float32", "cheap",
+         "router and expert input, rms_norm_2(resid_mid)"),
     Hook("blocks.moe.router_logits", _B + ("expert",), "float32", "cheap", "router logits x @ W_router (fp32)"),
     Hook("blocks.moe.router_probs", _B + ("expert",), "float32", "cheap", "softmax over all experts (fp32)"),
     Hook("blocks.moe.top_k_experts", _B + ("k",), "int32", "cheap", "selected experts, descending probability"),
@@ -65,10 +94,12 @@ _HOOKS = [
     Hook("blocks.moe.expert_load", ("layer", "expert"), "int32", "cheap",
          "tokens routed to each expert (all k slots), padding excluded"),
     Hook("blocks.moe.expert_out", _B + ("k", "d_model"), "float32", "heavy", "per-slot expert outputs before gating"),
-    Hook("blocks.moe.out", _B + ("d_model",), "float32", "cheap", "gate-weighted sum of expert outputs, before the post-norm"),
+    Hook("blocks.moe.out", _B + ("d_model",), "float32", "cheap",
+         "gate-weighted sum of expert outputs, before the post-norm"),
     Hook("blocks.moe.post_norm", _B + ("d_model",), "float32", "cheap", "the MoE write into the residual stream"),
     Hook("blocks.resid_post", _B + ("d_model",), "float32", "cheap", "residual stream leaving the block"),
-    Hook("final_norm.out", ("batch", "seq", "d_model"), "float32", "cheap", "final rms_norm output, before unembedding"),
+    Hook("final_norm.out", ("batch", "seq", "d_model"), "float32", "cheap",
+         "final rms_norm output, before unembedding"),
     Hook("unembed.logits", ("batch", "seq", "vocab"), "float32", "heavy", "logits after the output multiplier"),
 ]
 REGISTRY: dict[str, Hook] = {h.name: h for h in _HOOKS}
@@ -143,11 +174,12 @@ def select(patterns: Iterable[str] | str | None) -> frozenset[str]:
 
 
 class Point:
-    """The capture/patch/callback point used inside traced model code.
+    """The capture/patch/callback point used inside traced model code (the contract is in the module docstring).
 
-    ``point(name, value)`` applies a patch for ``name`` if one is given (``where(mask, patch, value)``), then a
-    Python callback if one is registered, records the value if ``name`` was selected, and returns the value.
-    Names are given without the prefix (``"attn.q"`` inside a block is ``"blocks.attn.q"``).
+    ``point(name, value)``: patch, then callback, then capture, and return the value that flows on. Names are
+    given without the prefix (``"attn.q"`` inside a block is ``"blocks.attn.q"``). ``selected``: the full names
+    to capture; ``patches``: {full name: (value, mask [batch, seq])} for this layer; ``callbacks``: {full name:
+    fn(value, layer) -> value}; ``layer``: this layer's number (None outside the blocks).
     """
 
     def __init__(self, selected=frozenset(), prefix="", patches=None, callbacks=None, layer=None):
@@ -173,10 +205,20 @@ class Point:
         if full in self.patches:
             value = apply_patch(REGISTRY[full], value, *self.patches[full])
         if full in self.callbacks:
-            value = self.callbacks[full](value, self.layer)
+            value = _checked_callback(full, self.callbacks[full], value, self.layer)
         if full in self.selected:
             self.values[full] = value
         return value
+
+
+def _checked_callback(name, fn, value, layer):
+    out = fn(value, layer)
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != value.shape or dtype != value.dtype:
+        got = f"{dtype}{list(shape)}" if shape is not None else type(out).__name__
+        raise ValueError(f"callback for {name} returned {got}; it must return an array like its input, "
+                         f"{value.dtype}{list(value.shape)}")
+    return out
 
 
 def apply_patch(hook: Hook, value, patch_value, mask):

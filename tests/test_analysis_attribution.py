@@ -70,3 +70,25 @@ def test_dla_expert_term_by_hand(golden_model, toks):
     want_all = cfg.output_multiplier * rf * np.dot(np.asarray(p["final_norm"]) * whole, np.asarray(p["embed"][5]))
     assert comp["experts"][l, b, t].sum() == pytest.approx(want_all, rel=1e-4, abs=1e-6)
     assert np.isfinite(float(jnp.sum(comp["heads"])))
+
+
+def test_out_of_range_arguments_name_the_bound(golden_model, toks):
+    short = toks[1:, :9]  # a 9-token prompt
+    with pytest.raises(ValueError, match=r"position 99 is outside the sequence of 9 tokens"):
+        AT.logit_lens_at(golden_model, short, position=99)  # returned a table before
+    with pytest.raises(ValueError, match=r"position -10 counts back over the real tokens of row 0, which has 9"):
+        AT.logit_lens_at(golden_model, short, position=-10)
+    with pytest.raises(ValueError, match=r"row contains 2, outside \[-2, 2\)"):
+        AT.logit_lens_at(golden_model, toks, row=2)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 512\]"):
+        AT.logit_lens_at(golden_model, toks, k=0)
+    with pytest.raises(ValueError, match=r"token id 600 is outside the vocabulary"):
+        AT.logit_lens_at(golden_model, toks, target=600)
+    with pytest.raises(ValueError, match="stages must be among"):
+        AT.logit_lens(golden_model, toks, stages=["resid"])
+    with pytest.raises(ValueError, match=r"position 24 is outside the sequence of 24 tokens"):
+        AT.direct_logit_attribution(golden_model, toks, 5, position=24)
+    with pytest.raises(ValueError, match=r"position -18 counts back over the real tokens of row 1, which has 17"):
+        AT.direct_logit_attribution(golden_model, toks, 5, row=1, position=-18)
+    with pytest.raises(ValueError, match=r"token id -1 is outside the vocabulary"):
+        AT.direct_logit_attribution(golden_model, toks, 5, foil=-1)

@@ -67,3 +67,24 @@ def test_patch_sweep_equals_separate_patched_runs(model_tokens, hook):
                                / (df["clean_metric"] - df["corrupt_metric"]))
     with pytest.raises(ValueError, match="same token shape"):
         P.patch_sweep(model, toks[:1], toks[1:, :17], target=5)
+
+
+def test_out_of_range_arguments_name_the_bound(model_tokens):
+    model, toks = model_tokens
+    with pytest.raises(ValueError, match=r"layers contains 9, outside \[-2, 2\)"):
+        P.ablation_sweep(model, toks, layers=[9])  # ran layer 1 before
+    with pytest.raises(ValueError, match=r"layers contains -3, outside \[-2, 2\)"):
+        P.ablation_sums(model, toks, kind="head", layers=[-3])
+    with pytest.raises(ValueError, match=r"layers contains 2"):
+        P.separate_ablation_sums(model, toks, layers=[2])
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        P.ablation_sweep(model, toks, chunk=0)
+    clean, corrupt = toks[:1, :17], toks[1:, :17]
+    with pytest.raises(ValueError, match=r"positions contains 17, outside \[-17, 17\)"):
+        P.patch_sweep(model, clean, corrupt, target=5, positions=[0, 17])
+    with pytest.raises(ValueError, match=r"layers contains 4"):
+        P.patch_sweep(model, clean, corrupt, target=5, layers=[4])
+    with pytest.raises(ValueError, match=r"token id 512 is outside the vocabulary \[0, 512\)"):
+        P.patch_sweep(model, clean, corrupt, target=5, foil=512)
+    with pytest.raises(ValueError, match="target must be one token"):
+        P.patch_sweep(model, clean, corrupt, target=[5, 6])

@@ -24,10 +24,15 @@ def golden_run(request, golden_model, golden):
     return golden_model.run(z["tokens"], capture=["*"], expert_impl=impl, unroll=unroll), z
 
 
+# Measured max |logit error| (2026-12-01, CPU): 5.96e-7 on every path as run here (bucketed to 32 tokens),
+# 9.20e-7 unbucketed with lax.scan. Pinned at twice the bucketed figure, so a change that loses precision shows.
+LOGIT_TOL = 1.2e-6
+
+
 def test_logits_match_reference(golden_run):
     run, z = golden_run
     err = np.abs(np.asarray(run.logits) - z["logits"]).max()
-    assert err < 2e-5, err
+    assert err < LOGIT_TOL, err
     assert np.all(np.isfinite(run.logits))
 
 

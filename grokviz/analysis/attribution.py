@@ -1,8 +1,8 @@
 """Logit lens and direct logit attribution (DLA).
 
-**Logit lens.** Apply the model's own readout — final ``rms_norm`` (its learned scale) then the tied unembedding
-times the output multiplier — to an intermediate residual stream (``resid_pre``/``resid_mid``/``resid_post`` of
-each layer), as if the remaining layers were skipped.
+**Logit lens.** Apply the model's own readout (:func:`grokviz.model.unembed`: final ``rms_norm`` with its learned
+scale, then the tied unembedding times the output multiplier) to an intermediate residual stream
+(``resid_pre``/``resid_mid``/``resid_post`` of each layer), as if the remaining layers were skipped.
 
 **Direct logit attribution, and the linearisation it uses.** Grok's blocks are sandwich-normed: each sublayer's
 write into the residual stream is ``rms_norm_k(out) = g_k * out * r_k`` with ``r_k = rsqrt(mean(out**2) + eps)``,
@@ -27,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..model.layers import rms_norm
+from ..config import is_real
+from ..model.transformer import unembed
 from ..params import dense
+from .common import next_token_kl, next_token_logprobs, prediction_pairs, token_id
+from .patching import check_indices
 
 __all__ = ["lens_logits", "logit_lens", "logit_lens_at", "dla_components", "direct_logit_attribution",
            "DLA_CAPTURE"]
@@ -39,14 +42,21 @@ DLA_CAPTURE = ["embed.out", "blocks.attn.head_out", "blocks.attn.out", "blocks.m
 
 
 def lens_logits(params, cfg, resid) -> jax.Array:
-    """[..., d_model] -> [..., vocab]: final norm, tied unembedding, output multiplier."""
-    h = rms_norm(jnp.asarray(resid, jnp.float32), params["final_norm"], cfg.rms_eps)
-    return jnp.einsum("...d,vd->...v", h, dense(params["embed"], jnp.float32)) * cfg.output_multiplier
+    """[..., d_model] -> [..., vocab]: the model's readout (final norm, tied unembedding, output multiplier)."""
+    return unembed(params, jnp.asarray(resid, jnp.float32), cfg)
 
 
 def _pieces(model, ids):
     tok = model.tokenizer
     return [tok.id_to_piece(int(i)) if tok is not None else str(int(i)) for i in ids]
+
+
+def _check_stages(stages):
+    stages = (stages,) if isinstance(stages, str) else tuple(stages)
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f"stages must be among {list(STAGES)}, got {list(stages)}")
+    return stages
 
 
 def logit_lens(model, tokens, *, stages=STAGES) -> pd.DataFrame:
@@ -55,26 +65,25 @@ def logit_lens(model, tokens, *, stages=STAGES) -> pd.DataFrame:
     Columns: layer, stage, loss (mean next-token NLL, nats), top1 (accuracy), kl_to_final (KL(final || lens)),
     over positions whose token and next token are real. A final row (layer = num_layers, stage "final") is the
     model itself."""
+    stages = _check_stages(stages)
     tokens = model.to_tokens(tokens)
     run = model.run(tokens, capture=[f"blocks.{s}" for s in stages])
-    real = np.asarray(run.real)
-    valid = jnp.asarray(real[:, :-1] & real[:, 1:], jnp.float32)
+    toks = jnp.asarray(tokens)
+    valid = prediction_pairs(toks, model.cfg.pad_token).astype(jnp.float32)
     n = jnp.maximum(valid.sum(), 1.0)
-    tgt = jnp.asarray(tokens[:, 1:])
-    final_lp = jax.nn.log_softmax(run.logits[:, :-1].astype(jnp.float32), -1)
+    final = jnp.asarray(run.logits, jnp.float32)
 
     def stats(logits):
-        lp = jax.nn.log_softmax(logits[:, :-1], -1)
-        nll = -jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]
-        top1 = (jnp.argmax(lp, -1) == tgt).astype(jnp.float32)
-        kl = jnp.sum(jnp.exp(final_lp) * (final_lp - lp), -1)
+        nll = -next_token_logprobs(logits, toks)
+        top1 = (jnp.argmax(logits[:, :-1], -1) == toks[:, 1:]).astype(jnp.float32)
+        kl = next_token_kl(final, logits)
         return [float(jnp.sum(x * valid) / n) for x in (nll, top1, kl)]
 
     rows = []
     for layer in range(model.cfg.num_layers):
         for s in stages:
             rows.append((layer, s, *stats(lens_logits(model.params, model.cfg, run.cache[f"blocks.{s}", layer]))))
-    rows.append((model.cfg.num_layers, "final", *stats(run.logits.astype(jnp.float32))))
+    rows.append((model.cfg.num_layers, "final", *stats(final)))
     return pd.DataFrame(rows, columns=["layer", "stage", "loss", "top1", "kl_to_final"])
 
 
@@ -83,11 +92,15 @@ def logit_lens_at(model, tokens, *, row: int = 0, position: int = -1, k: int = 5
     """The lens's top-``k`` next-token predictions at one position, per (layer, stage).
 
     Columns: layer, stage, rank, token_id, token, prob; with ``target`` (a token id), also target_prob and
-    target_rank (0 = top) per row. ``position=-1`` is the row's last real token."""
+    target_rank (0 = top) per row. ``target`` may be an id or one-token text. ``position``: an index into the
+    row's ``seq`` positions; negative ones count back over its real tokens (``-1``: the last real token)."""
+    stages = _check_stages(stages)
     tokens = model.to_tokens(tokens)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= model.cfg.vocab_size:
+        raise ValueError(f"k must be an int in [1, {model.cfg.vocab_size}] (the vocabulary size), got {k!r}")
+    row, position = _row_position(tokens, model.cfg, row, position)
+    target = None if target is None else token_id(model, target)
     run = model.run(tokens, capture=[f"blocks.{s}" for s in stages])
-    if position < 0:
-        position = int(np.flatnonzero(np.asarray(run.real)[row])[position])
     rows = []
     readouts = [(layer, s, run.cache[f"blocks.{s}", layer][row, position])
                 for layer in range(model.cfg.num_layers) for s in stages]
@@ -102,6 +115,24 @@ def logit_lens_at(model, tokens, *, row: int = 0, position: int = -1, k: int = 5
             rows.append((layer, s, r, int(v), piece, float(probs[v]), *extra))
     cols = ["layer", "stage", "rank", "token_id", "token", "prob"]
     return pd.DataFrame(rows, columns=cols + (["target_prob", "target_rank"] if target is not None else []))
+
+
+def _row_position(tokens, cfg, row, position) -> tuple[int, int]:
+    """``row`` in [-batch, batch) and ``position`` in [-n_real, seq) (negative: counted back over the row's real
+    tokens) as non-negative indices; ``ValueError`` naming the argument and the bound otherwise."""
+    b, t = tokens.shape
+    (row,) = check_indices("row", row, b)
+    if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+        raise ValueError(f"position must be an int, got {position!r}")
+    if position >= 0:
+        if position >= t:
+            raise ValueError(f"position {position} is outside the sequence of {t} tokens (positions [0, {t}))")
+        return row, int(position)
+    real = np.flatnonzero(is_real(np.asarray(tokens[row]), cfg.pad_token))
+    if -position > len(real):
+        raise ValueError(f"position {position} counts back over the real tokens of row {row}, which has "
+                         f"{len(real)} (negative positions [-{len(real)}, -1])")
+    return row, int(real[position])
 
 
 def _rscale(x, eps):
@@ -150,10 +181,9 @@ def direct_logit_attribution(model, tokens, target, *, row: int = 0, position: i
     (to ``logit[target]``, or ``logit[target] - logit[foil]``). ``df.attrs["logit"]`` holds the model's value,
     which equals ``df.contribution.sum()``. ``target``/``foil``: token ids (or single-token strings)."""
     tokens = model.to_tokens(tokens)
+    row, position = _row_position(tokens, model.cfg, row, position)
+    target, foil = token_id(model, target), None if foil is None else token_id(model, foil)
     run = model.run(tokens, capture=DLA_CAPTURE)
-    if position < 0:
-        position = int(np.flatnonzero(np.asarray(run.real)[row])[position])
-    target, foil = _tok(model, target), None if foil is None else _tok(model, foil)
     comp = dla_components(model.params, model.cfg, run.cache, target, foil)
     ex = np.asarray(run.cache["blocks.moe.top_k_experts"])[:, row, position]
     gates = np.asarray(run.cache["blocks.moe.top_k_weights"])[:, row, position]
@@ -170,11 +200,3 @@ def direct_logit_attribution(model, tokens, target, *, row: int = 0, position: i
     df.attrs["position"] = position
     return df
 
-
-def _tok(model, t):
-    if isinstance(t, str):
-        ids = model.tokenizer.encode(t)
-        if len(ids) != 1:
-            raise ValueError(f"{t!r} must encode to exactly one token, got {ids}")
-        return ids[0]
-    return int(t)

@@ -3,13 +3,15 @@ between two prompts across layers and positions, returned as tidy tables.
 
 Both reuse the unchanged prefix. A change at layer ``l`` cannot affect layers before it, so the baseline (or
 corrupt) run is made once with ``blocks.resid_pre`` captured, and each variant runs only layers ``l .. L-1``
-starting from the captured residual stream: one compiled *suffix forward* (``lax.scan`` over all layers whose
-body is a ``lax.cond`` that skips layers before ``start``; ``start`` is a traced value, so every layer shares one
-compilation), ``vmap``-ped over the variants of a layer. Sweeping E experts over L layers thus costs about
+starting from the captured residual stream: one compiled *suffix forward* (the model's own
+:func:`grokviz.model.run_blocks` with a traced ``start_layer``: layers before it are skipped by ``lax.cond``, so
+every layer shares one compilation), ``vmap``-ped over the variants of a layer, read out by the model's
+:func:`grokviz.model.unembed`. Sweeping E experts over L layers thus costs about
 ``E * L * (L + 1) / 2`` layer evaluations, batched, instead of ``E * L * L`` in ``E * L`` separate forwards.
 
 Language-model metrics use next-token prediction at positions ``t`` where tokens ``t`` and ``t + 1`` are both
-real: ``loss`` is the mean cross-entropy (nats), ``kl`` the mean ``KL(baseline || ablated)`` of the next-token
+real (:func:`grokviz.analysis.common.prediction_pairs`): ``loss`` is the mean cross-entropy (nats), ``kl`` the
+mean ``KL(baseline || ablated)`` of the next-token
 distributions.
 """
 
@@ -22,20 +24,31 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..hooks import REGISTRY, Point
-from ..model.attention import attention_mask
-from ..model.block import block
+from ..hooks import REGISTRY
 from ..model.layers import rms_norm
-from ..params import dense
+from ..model.transformer import forward, run_blocks, unembed
+from .common import last_real_position, next_token_kl, next_token_logprobs, prediction_pairs, token_id
 
 __all__ = ["ablation_sweep", "ablation_sums", "separate_ablation_sums", "patch_sweep", "activation_patching",
            "routing_patching", "lm_sums", "suffix_logits"]
 
 
 # ----------------------------------------------------------------------------------------------- core
-def _unembed(params, cfg, h):
-    hf = rms_norm(h, params["final_norm"], cfg.rms_eps)
-    return jnp.einsum("btd,vd->btv", hf, dense(params["embed"], hf.dtype)) * cfg.output_multiplier
+def check_indices(name: str, values, n: int) -> list[int]:
+    """``values`` (ints, negative counting from the end) as indices in ``[0, n)``; ``ValueError`` naming
+    ``name`` and the bound otherwise."""
+    out = []
+    for v in np.atleast_1d(np.asarray(values)).tolist():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be integers, got {v!r}")
+        if not -n <= v < n:
+            raise ValueError(f"{name} contains {v}, outside [-{n}, {n})")
+        out.append(v % n)
+    return out
+
+
+def _layers(layers, cfg) -> list[int]:
+    return list(range(cfg.num_layers)) if layers is None else check_indices("layers", layers, cfg.num_layers)
 
 
 def suffix_logits(params, cfg, tokens, h0, start, iv_layers=None, patches=None, expert_impl="sparse"):
@@ -45,39 +58,22 @@ def suffix_logits(params, cfg, tokens, h0, start, iv_layers=None, patches=None, 
     ``iv_layers``: the per-layer dict of :meth:`Interventions.split` (arrays with a leading layer axis) or None;
     ``patches``: {blocks hook name: (value [layer, ...], mask [layer, batch, seq])} applied inside the blocks.
     Pure and traceable; ``start`` may be a traced int."""
-    return _unembed(params, cfg, suffix_hidden(params, cfg, tokens, h0, start, iv_layers, patches, expert_impl))
+    return unembed(params, suffix_hidden(params, cfg, tokens, h0, start, iv_layers, patches, expert_impl), cfg)
 
 
 def suffix_hidden(params, cfg, tokens, h0, start, iv_layers=None, patches=None, expert_impl="sparse"):
     """The residual stream leaving the last layer, running layers ``start ..`` from ``h0`` (see suffix_logits)."""
-    real = tokens > cfg.pad_token
-    mask = attention_mask(tokens, cfg.pad_token)
-    patches = patches or {}
-
-    def body(h, xs):
-        p, iv, pt, layer = xs
-
-        def run(h):
-            point = Point(frozenset(), prefix="blocks.", patches=pt, layer=layer)
-            return block(p, h, real, mask, cfg, point, iv, expert_impl)[0]
-
-        return jax.lax.cond(layer >= start, run, lambda h: h, h), None
-
-    xs = (params["blocks"], iv_layers, patches, jnp.arange(cfg.num_layers))
-    h, _ = jax.lax.scan(body, h0, xs)
-    return h
+    if isinstance(start, (int, np.integer)):
+        start = jnp.int32(start)  # traced: every start shares one compiled program
+    return run_blocks(params, h0, tokens, cfg, start_layer=start, interventions=iv_layers, patches=patches,
+                      expert_impl=expert_impl).h
 
 
-def lm_sums(logits, tokens, pad_token, base_logp=None):
-    """(sum of next-token NLL, sum of KL(base || logits), number of predictions) over valid positions."""
-    real = tokens > pad_token
-    valid = (real[:, :-1] & real[:, 1:]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    if base_logp is None:
-        kl = jnp.zeros_like(nll)
-    else:
-        kl = jnp.sum(jnp.exp(base_logp) * (base_logp - logp), axis=-1)
+def lm_sums(logits, tokens, pad_token, base_logits=None):
+    """(sum of next-token NLL, sum of KL(base || logits), number of predictions) over the prediction pairs."""
+    valid = prediction_pairs(tokens, pad_token).astype(jnp.float32)
+    nll = -next_token_logprobs(logits, tokens)
+    kl = jnp.zeros_like(nll) if base_logits is None else next_token_kl(base_logits, logits)
     return jnp.sum(nll * valid), jnp.sum(kl * valid), jnp.sum(valid)
 
 
@@ -85,8 +81,7 @@ def _base_terms(logits, tokens, pad_token):
     """Per-batch constants of the baseline for :func:`_loss_sums`: p = softmax, c = sum p log p, valid."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     p = jnp.exp(logp)
-    real = tokens > pad_token
-    return {"p": p, "c": jnp.sum(p * logp, -1), "valid": (real[:, :-1] & real[:, 1:]).astype(jnp.float32)}
+    return {"p": p, "c": jnp.sum(p * logp, -1), "valid": prediction_pairs(tokens, pad_token).astype(jnp.float32)}
 
 
 def _loss_sums(logits, tokens, base):
@@ -107,8 +102,6 @@ _BASE_CAPTURE = frozenset({"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.e
 
 @functools.partial(jax.jit, static_argnames=("cfg", "expert_impl", "capture"))
 def _baseline(params, tokens, cfg, expert_impl, capture=frozenset({"blocks.resid_pre"})):
-    from ..model.transformer import forward
-
     out = forward(params, tokens, cfg, capture=capture, expert_impl=expert_impl)
     base = _base_terms(out.logits, tokens, cfg.pad_token)
     nll, _ = _loss_sums(out.logits, tokens, base)
@@ -119,7 +112,7 @@ def _baseline(params, tokens, cfg, expert_impl, capture=frozenset({"blocks.resid
 def _sweep_layer(params, tokens, h0, base, ivs, start, cfg, expert_impl):
     """Generic: every variant runs layers start.. from resid_pre[start] with its own interventions."""
     hs = jax.vmap(lambda iv: suffix_hidden(params, cfg, tokens, h0, start, iv, None, expert_impl))(ivs)
-    return jax.lax.map(lambda x: _loss_sums(_unembed(params, cfg, x), tokens, base), hs)
+    return jax.lax.map(lambda x: _loss_sums(unembed(params, x, cfg), tokens, base), hs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
@@ -140,7 +133,7 @@ def _sweep_zero_experts(params, tokens, cache, base, layer, units, cfg, expert_i
     hf = suffix_hidden(params, cfg, jnp.tile(tokens, (n, 1)), h.reshape(n * b, t, d), layer + 1, None, None,
                        expert_impl)
     # read out one variant at a time: a [n, b, t, vocab] block of logits would not stay in cache
-    return jax.lax.map(lambda x: _loss_sums(_unembed(params, cfg, x), tokens, base), hf.reshape(n, b, t, d))
+    return jax.lax.map(lambda x: _loss_sums(unembed(params, x, cfg), tokens, base), hf.reshape(n, b, t, d))
 
 
 # ----------------------------------------------------------------------------------------------- ablations
@@ -166,6 +159,12 @@ def _ablation_ivs(cfg, kind: str, mode: str, layer: int, units) -> dict:
     return {k: jnp.asarray(v) for k, v in ivs.items()}
 
 
+def _chunk(chunk) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (variants per batch), got {chunk!r}")
+    return int(chunk)
+
+
 def _check_kind(cfg, kind, mode):
     if kind not in ("expert", "head"):
         raise ValueError(f"kind must be 'expert' or 'head', got {kind!r}")
@@ -183,11 +182,11 @@ def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chu
     cfg, params = model.cfg, model.params
     n_units = _check_kind(cfg, kind, mode)
     tokens = jnp.asarray(model.to_tokens(tokens))
+    layers = _layers(layers, cfg)
+    chunk = n_units if chunk is None else _chunk(chunk)
     fast = kind == "expert" and mode == "zero"
     capture = _BASE_CAPTURE if fast else frozenset({"blocks.resid_pre"})
     cache, base, base_nll, n_pred = _baseline(params, tokens, cfg, expert_impl, capture)
-    layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
-    chunk = chunk or n_units
     out = {"layer": [], "unit": [], "nll": [], "kl": []}
     for layer in layers:
         for lo in range(0, n_units, chunk):
@@ -218,10 +217,9 @@ def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=
     cfg = model.cfg
     n_units = _check_kind(cfg, kind, mode)
     tokens = model.to_tokens(tokens)
-    base = model.run(tokens, expert_impl=expert_impl).logits
-    base_logp = jax.nn.log_softmax(base[:, :-1].astype(jnp.float32), axis=-1)
+    layers = _layers(layers, cfg)
+    base = jnp.asarray(model.run(tokens, expert_impl=expert_impl).logits)
     base_nll, _, n_pred = _lm_sums_jit(base, jnp.asarray(tokens), cfg.pad_token)
-    layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
     out = {"layer": [], "unit": [], "nll": [], "kl": []}
     none = Interventions.none(cfg)
     for layer in layers:
@@ -232,8 +230,8 @@ def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=
                 iv = none.zero_expert(layer, u)
             else:
                 iv = none.remove_expert(layer, u)
-            logits = model.run(tokens, interventions=iv, expert_impl=expert_impl).logits
-            nll, kl, _ = _lm_sums_jit(logits, jnp.asarray(tokens), cfg.pad_token, base_logp)
+            logits = jnp.asarray(model.run(tokens, interventions=iv, expert_impl=expert_impl).logits)
+            nll, kl, _ = _lm_sums_jit(logits, jnp.asarray(tokens), cfg.pad_token, base)
             out["layer"].append(layer)
             out["unit"].append(u)
             out["nll"].append(float(nll))
@@ -260,6 +258,9 @@ def ablation_sweep(model, data, *, kind="expert", mode="zero", layers=None, chun
     expert's gated output by 0 with routing unchanged; ``"remove"`` makes the router skip it (tokens take their
     next choice, gates stay router probabilities). Returns one row per ablation: layer, expert|head, loss,
     base_loss, delta_loss (nats), kl (nats, baseline || ablated), n_tokens."""
+    _check_kind(model.cfg, kind, mode)  # bad arguments fail before any data is read
+    layers = _layers(layers, model.cfg)
+    chunk = None if chunk is None else _chunk(chunk)
     if _is_token_batch(data):
         sums = ablation_sums(model, data, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl)
         return sums_to_frame(sums, kind)
@@ -286,13 +287,8 @@ def _is_token_batch(data) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- patching
-def _last_real(tokens, pad):
-    real = np.asarray(tokens) > pad
-    return real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
-
-
 def _metric(logits, rows, pos, target, foil):
-    last = logits[rows, pos].astype(jnp.float32)  # [batch, vocab]
+    last = jnp.asarray(logits)[rows, pos].astype(jnp.float32)  # [batch, vocab]
     return _metric_last(last, rows, target, foil)
 
 
@@ -314,7 +310,7 @@ def _patch_layer(params, tokens, h0, value, masks, start, target, foil, pos, cfg
             h = suffix_hidden(params, cfg, tokens, h, start, None, None, expert_impl)
         else:
             h = suffix_hidden(params, cfg, tokens, h0, start, None, {name: (value, mask)}, expert_impl)
-        last = _unembed(params, cfg, h[rows, pos][:, None])[:, 0]  # read out the metric positions only
+        last = unembed(params, h[rows, pos][:, None], cfg)[:, 0]  # read out the metric positions only
         return _metric_last(last, rows, target, foil)
 
     return jax.vmap(one)(masks)
@@ -339,17 +335,18 @@ def patch_sweep(model, clean, corrupt, *, hook="blocks.resid_pre", target, foil=
         raise ValueError(f"clean and corrupt prompts must have the same token shape, got {clean_t.shape} and "
                          f"{corrupt_t.shape}; pad or rephrase them")
     b, t = corrupt_t.shape
-    target, foil = _token_ids(model, target, b), None if foil is None else _token_ids(model, foil, b)
-    pos = jnp.asarray(_last_real(corrupt_t, cfg.pad_token))
+    target, foil = _token_ids(model, target, b, "target"), None if foil is None else _token_ids(model, foil, b, "foil")
+    layers = _layers(layers, cfg)
+    positions = list(range(t)) if positions is None else check_indices("positions", positions, t)
+    pos = jnp.asarray(last_real_position(corrupt_t, cfg.pad_token))
     rows = jnp.arange(b)
     capture = sorted({hook, "blocks.resid_pre"})  # one compiled program for both runs
     clean_run = model.run(clean_t, capture=capture, expert_impl=expert_impl)
     corrupt_run = model.run(corrupt_t, capture=capture, expert_impl=expert_impl)
-    m_clean = float(_metric(clean_run.logits, rows, jnp.asarray(_last_real(clean_t, cfg.pad_token)), target, foil))
+    clean_pos = jnp.asarray(last_real_position(clean_t, cfg.pad_token))
+    m_clean = float(_metric(clean_run.logits, rows, clean_pos, target, foil))
     m_corrupt = float(_metric(corrupt_run.logits, rows, pos, target, foil))
     value = clean_run.cache[hook]
-    layers = range(cfg.num_layers) if layers is None else [l % cfg.num_layers for l in layers]
-    positions = list(range(t)) if positions is None else [p % t for p in positions]
     rows_out = []
     for layer in layers:
         masks = np.zeros((len(positions), cfg.num_layers, b, t), bool)
@@ -376,11 +373,12 @@ def routing_patching(model, clean, corrupt, **kw) -> pd.DataFrame:
     return patch_sweep(model, clean, corrupt, hook="blocks.moe.top_k_experts", **kw)
 
 
-def _token_ids(model, tok, batch):
-    if isinstance(tok, str):
-        ids = model.tokenizer.encode(tok) if model.tokenizer is not None else []
-        if len(ids) != 1:
-            raise ValueError(f"{tok!r} must encode to exactly one token, got {ids}")
-        tok = ids[0]
-    arr = np.broadcast_to(np.asarray(tok, np.int32), (batch,))
-    return jnp.asarray(arr)
+def _token_ids(model, tok, batch, name):
+    """``tok`` (a one-token string, an id, or one id per row) as int32 [batch]; ids checked by ``token_id``."""
+    if isinstance(tok, str) or np.ndim(tok) == 0:
+        return jnp.full((batch,), token_id(model, tok if isinstance(tok, str) else int(tok)), jnp.int32)
+    ids = np.asarray(tok)
+    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be one token (id or text) or {batch} integer ids (one per row), "
+                         f"got {ids.dtype} shape {ids.shape}")
+    return jnp.asarray([token_id(model, int(i)) for i in ids], jnp.int32)

@@ -1,10 +1,10 @@
-"""The pure-JAX Grok-1 forward pass."""
+"""The pure-JAX Grok-1 forward pass: ``forward = unembed(run_blocks(embed(tokens)))``."""
 
 from .attention import attention, attention_mask
 from .block import block
 from .layers import gelu_tanh, rms_norm, rope, softcap
 from .moe import combine, experts_dense, experts_sparse, route
-from .transformer import Output, forward
+from .transformer import Blocks, Output, embed, forward, run_blocks, unembed
 
-__all__ = ["Output", "attention", "attention_mask", "block", "combine", "experts_dense", "experts_sparse",
-           "forward", "gelu_tanh", "rms_norm", "rope", "route", "softcap"]
+__all__ = ["Blocks", "Output", "attention", "attention_mask", "block", "combine", "embed", "experts_dense",
+           "experts_sparse", "forward", "gelu_tanh", "rms_norm", "rope", "route", "run_blocks", "softcap", "unembed"]

@@ -6,20 +6,21 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from ..config import is_real
 from ..hooks import AttentionSpec
 from ..params import dense
 from .layers import MASK_VALUE, rope, softcap
 
 
 def attention_mask(tokens, pad_token, length=None):
-    """(allowed, fill): allowed [batch, 1, seq, kv_seq] bool — key is real (token > pad) and causal
+    """(allowed, fill): allowed [batch, 1, seq, kv_seq] bool — key is real (:func:`grokviz.config.is_real`) and causal
     (kv_seq <= seq); queries are not masked. ``fill`` is the value of masked logits: -1e30 as in the reference.
 
     ``length`` (optional, traced): the true sequence length when the tokens were right-padded to a bucket.
     Keys at or beyond it get -2e30, so a query whose keys are all masked (left padding) is uniform over the
     first ``length`` keys exactly as in an unpadded run, while every other row is unchanged.
     """
-    real = tokens > pad_token
+    real = is_real(tokens, pad_token)
     t = tokens.shape[1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     allowed = real[:, None, None, :] & causal[None, None]
