@@ -28,7 +28,6 @@ import importlib.util
 import io
 import json
 import lzma
-import os
 import random
 import sys
 import sysconfig
@@ -117,7 +116,7 @@ def code_and_docstrings(files: list[Path], root: Path) -> tuple[list[dict], list
         sp = split_of(rel)
         if n_code < CODE_BUDGET:
             # at most 3 documents per file so that many modules are represented
-            for j, c in enumerate(chunks(src)[:3]):
+            for c in chunks(src)[:3]:
                 code.append(dict(domain="code", source=f"cpython-stdlib/{rel}", split=sp, text=c))
                 n_code += len(c)
         if n_prose < PROSE_BUDGET * 0.55:

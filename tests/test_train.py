@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grokviz import corpus
+from grokviz import train as T
 from grokviz.config import GrokConfig
 from grokviz.params import init_params
-from grokviz import corpus
 from grokviz.tokenizer import Tokenizer
-from grokviz import train as T
 
 CORPUS_SHA256 = "f325524f95ab3ec32bb8e129f8ae81c8eebf0e85f7c0b93285d56d69aeb117c7"
 TOKENIZER_SHA256 = "caf14dcf864fa5130e1a7aef5f7c3af6b663273961a566a73e745a0753961b6e"
@@ -79,7 +79,7 @@ MICRO_TC = T.TrainConfig(steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup=2, e
 
 
 def test_router_losses_balanced_is_one():
-    E, k = 8, 2
+    E = 8
     experts = jnp.asarray(np.arange(16 * 2).reshape(1, 1, 16, 2) % E)      # perfectly balanced slots
     logits = jnp.zeros((1, 1, 16, E))
     aux, z = T.router_losses(logits, experts, jnp.ones((1, 16), bool), E)
@@ -260,17 +260,17 @@ def test_presets_and_cli_parse():
     with pytest.raises(SystemExit):
         T.cli_main(["--preset", "nope"])
     with pytest.raises(ValueError, match="ckpt_every must be >= 0"):
-        T.cli_main(["--preset", "quick", "--ckpt-every", "-1"])
+        T.config.resolve(tc, ckpt_every=-1)
 
 
-def test_cli_refuses_a_foreign_out_folder(tmp_path):
+def test_cli_refuses_a_foreign_out_folder(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="notes.txt"):
-        T.cli_main(["--preset", "quick", "--steps", "1", "--out", str(tmp_path), "--no-progress"])
+    assert T.cli_main(["--preset", "quick", "--steps", "1", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "notes.txt" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_cli_quick_writes_a_loadable_model(tmp_path):
+def test_cli_quick_writes_a_loadable_model(tmp_path, capsys):
     import grokviz as gv
     from grokviz.checkpoint import converted
     from grokviz.cli import main
@@ -289,4 +289,10 @@ def test_cli_quick_writes_a_loadable_model(tmp_path):
     # a second run resumes from the finished checkpoint (nothing left to do) and rewrites the same model
     shard = sorted(out.glob("model-*.safetensors"))[0].read_bytes()
     assert main(["train", "--preset", "quick", "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(out.glob("model-*.safetensors"))[0].read_bytes() == shard
+    # another run's settings: a one-line error naming the checkpoint and the fix, the model left as it was
+    assert main(["train", "--preset", "quick", "--steps", "3", "--aux-coef", "0.5", "--out", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint.npz" in err and "aux_coef: checkpoint 0.01, this run 0.5" in err and "--no-resume" in err
     assert sorted(out.glob("model-*.safetensors"))[0].read_bytes() == shard

@@ -19,16 +19,27 @@ Expert implementation: training needs reverse-mode differentiation through the e
 ``expert_impl`` cannot be differentiated, :func:`differentiable_impl` falls back to ``"dense"`` with a warning.
 """
 
-from .checkpointing import TrainCheckpointError as TrainCheckpointError, load_checkpoint as load_checkpoint
+from .checkpointing import TrainCheckpointError as TrainCheckpointError
+from .checkpointing import load_checkpoint as load_checkpoint
 from .checkpointing import save_checkpoint as save_checkpoint
 from .cli import cli_main as cli_main
-from .config import ASSETS as ASSETS, PRESETS as PRESETS, TOKENIZER_PATH as TOKENIZER_PATH
-from .config import TrainConfig as TrainConfig, quick_config as quick_config, tiny_config as tiny_config
-from .data import TokenData as TokenData, load_data as load_data
+from .config import ASSETS as ASSETS
+from .config import PRESETS as PRESETS
+from .config import TOKENIZER_PATH as TOKENIZER_PATH
+from .config import TrainConfig as TrainConfig
+from .config import quick_config as quick_config
+from .config import tiny_config as tiny_config
+from .data import TokenData as TokenData
+from .data import load_data as load_data
 from .export import save_model as save_model
 from .loop import train as train
-from .step import CAPTURE as CAPTURE, compiled as compiled, differentiable_impl as differentiable_impl
-from .step import evaluate as evaluate, expert_counts as expert_counts, loss_fn as loss_fn
-from .step import make_optimizer as make_optimizer, router_losses as router_losses
+from .step import CAPTURE as CAPTURE
+from .step import compiled as compiled
+from .step import differentiable_impl as differentiable_impl
+from .step import evaluate as evaluate
+from .step import expert_counts as expert_counts
+from .step import loss_fn as loss_fn
+from .step import make_optimizer as make_optimizer
+from .step import router_losses as router_losses
 
 _compiled = compiled  # the name earlier versions (and their notebooks) used

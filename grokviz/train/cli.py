@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 
 from .config import PRESETS, resolve
@@ -28,11 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list[str]) -> int:
-    """``grokviz train --preset tiny|quick [--out DIR] [--steps N] [--ckpt-every N]`` (argv excludes ``train``)."""
+    """``grokviz train --preset tiny|quick [--out DIR] [--steps N] [--ckpt-every N]`` (argv excludes ``train``).
+
+    Returns 0, or 1 after printing the error (a checkpoint of another run, a foreign --out folder, bad values)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:
+        print(f"grokviz train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     import jax
 
     from ..params import count_params, init_params
+    from .checkpointing import check_run, read_info
     from .data import load_data
     from .export import CHECKPOINT, check_out_dir, save_model
     from .loop import train
@@ -41,13 +53,16 @@ def cli_main(argv: list[str]) -> int:
     cfg, tc = PRESETS[args.preset]
     tc = resolve(tc, steps=args.steps, aux_coef=args.aux_coef, z_coef=args.z_coef, ckpt_every=args.ckpt_every)
     out = check_out_dir(args.out or f"grokviz-{args.preset}")
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not args.no_resume:  # refuse another run's checkpoint before encoding the corpus
+        check_run(ckpt, read_info(ckpt), cfg.replace(sequence_len=max(cfg.sequence_len, tc.seq_len)), tc)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = load_data()
     n_params = count_params(init_params(cfg, jax.random.key(0)))
     print(f"{cfg.describe()}  params={n_params:,}  train tokens={len(data.train):,} validation tokens="
           f"{len(data.validation):,}", flush=True)
-    params, hist = train(cfg, data, tc=tc, checkpoint=out / CHECKPOINT, resume=not args.no_resume,
+    params, hist = train(cfg, data, tc=tc, checkpoint=ckpt, resume=not args.no_resume,
                          progress=not args.no_progress)
     final = evaluate(params, cfg, tc, data, n_batches=tc.eval_batches)
     wall = time.time() - t0
