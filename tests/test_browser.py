@@ -73,14 +73,26 @@ SIGNATURE = """(sel) => [...document.querySelectorAll(sel + ' .js-plotly-plot')]
 # (heatmap images, bars, markers/lines, sankey nodes), and no plot sticks out of its notebook output (clipping).
 PLOTS_DRAWN = """(sel) => { const plots = [...document.querySelectorAll(sel + ' .js-plotly-plot')];
   const size = v => v == null ? 0 : (v.bdata !== undefined || v.dtype !== undefined) ? 1 : (v.length ?? 1);
+  const gaps = t => Array.isArray(t.z) && t.z.every(r => Array.isArray(r) ? r.every(v => v == null) : r == null);
   return plots.length > 0 && plots.every(g => (g.data || []).length > 0
     && g.data.every(t => t.type === 'sankey' ? size(t.node?.label) > 0 : size(t.z) + size(t.y) > 0)
-    && g.querySelectorAll('.heatmaplayer image, .barlayer .point, .scatterlayer .trace path, .sankey-node')
-         .length > 0); }"""
+    && (g.data.every(gaps)   /* e.g. "routing changed" with nothing changed: all gaps, nothing to paint */
+        || g.querySelectorAll('.heatmaplayer image, .barlayer .point, .scatterlayer .trace path, .sankey-node')
+             .length > 0)); }"""
 CLIPPED = """(sel) => [...document.querySelectorAll(sel + ' .js-plotly-plot')].filter(g => {
   const out = g.closest('.jp-OutputArea-output').getBoundingClientRect(), r = g.getBoundingClientRect();
   return r.right > out.right + 1; }).map(g => g.querySelector('.gtitle')?.textContent || '?')"""
+PLOT_STATE = """(sel) => [...document.querySelectorAll(sel + ' .js-plotly-plot')].map(g =>
+  (g.querySelector('.gtitle')?.textContent || '(no title)') + ': ' + (g.data || []).map(t => t.type).join('+'))"""
 TITLES = """() => [...document.querySelectorAll('.jp-Notebook .js-plotly-plot .gtitle')].map(e => e.textContent)"""
+
+
+def _wait_drawn(page, view, timeout, when=""):
+    """Wait until every plot of ``view`` shows its data (see PLOTS_DRAWN); on time-out say what each plot holds."""
+    try:
+        _wait(page, PLOTS_DRAWN, timeout, f"the plots of {view} to be drawn with their data{when}", view)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; plots: {page.evaluate(PLOT_STATE, view)}") from None
 
 
 def _wait(page, predicate, timeout, what, arg=None):
@@ -240,7 +252,7 @@ def test_routing_notebook_renders_and_layer_slider_updates_plot(page):
     cells = open_and_run(page, "01_exploring_routing.ipynb")
     assert sum(c["plots"] for c in cells) >= 8 and sum(c["widgets"] for c in cells) >= 3
     for view in (".gv-routing-explorer", ".gv-load-dashboard", ".gv-routing-flow"):
-        _wait(page, PLOTS_DRAWN, 60, f"the plots of {view} to be drawn with their data", view)
+        _wait_drawn(page, view, 60)
         assert not page.evaluate(CLIPPED, view), f"{view}: plots wider than the notebook column"
     explorer = page.locator(".gv-routing-explorer").first
     shoot(page, explorer, SHOTS / "01_routing_explorer.png")
@@ -255,7 +267,7 @@ def test_routing_notebook_renders_and_layer_slider_updates_plot(page):
                 ".some(e => e.textContent.startsWith('Layer 1: tokens'))", 30, "the strip title to show layer 1")
     _wait(page, f"(sel) => ({SIGNATURE})(sel) !== {json.dumps(before)}", 30, "the plot data to change",
           ".gv-routing-explorer")
-    _wait(page, PLOTS_DRAWN, 30, "the routing explorer's plots to be drawn after the move", ".gv-routing-explorer")
+    _wait_drawn(page, ".gv-routing-explorer", 30, " after the move")
     assert handle.get_attribute("aria-valuenow").startswith("1")
     shoot(page, explorer, SHOTS / "01_routing_explorer_layer1.png")
 
@@ -264,7 +276,7 @@ def test_ablation_notebook_renders_and_checkbox_updates_plot(page):
     cells = open_and_run(page, "03_ablation_experiments.ipynb")
     assert sum(c["plots"] for c in cells) >= 3
     lab = page.locator(".gv-ablation-lab").first
-    _wait(page, PLOTS_DRAWN, 60, "the ablation lab's plots to be drawn with their data", ".gv-ablation-lab")
+    _wait_drawn(page, ".gv-ablation-lab", 60)
     assert not page.evaluate(CLIPPED, ".gv-ablation-lab"), "ablation lab plots wider than the notebook column"
     shoot(page, lab, SHOTS / "03_ablation_lab.png")
     before = page.evaluate(SIGNATURE, ".gv-ablation-lab")
@@ -277,6 +289,6 @@ def test_ablation_notebook_renders_and_checkbox_updates_plot(page):
     _wait(page, f"(sel) => ({SIGNATURE})(sel) !== {json.dumps(before)}", 30, "the ablation plots to change",
           ".gv-ablation-lab")
     assert box.is_checked()
-    _wait(page, PLOTS_DRAWN, 30, "the ablation plots to be drawn after the change", ".gv-ablation-lab")
+    _wait_drawn(page, ".gv-ablation-lab", 30, " after the change")
     shoot(page, lab, SHOTS / "03_ablation_lab_L0E0.png")
     page.screenshot(path=str(SHOTS / "03_window.png"))

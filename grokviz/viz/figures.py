@@ -118,10 +118,10 @@ def router_probs_by_layer(probs: np.ndarray, experts: np.ndarray, gates: np.ndar
                                          line=dict(width=2 if E <= 32 else 1))))
     fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
     fig.update_yaxes(title=axis_title("layer"))
-    fig.update_layout(showlegend=False)
+    fig.update_layout(showlegend=False, margin=dict(t=70))   # a two-line title: fits a half-column figure
     mean_sum = float(gates.sum(-1).mean())
-    return apply(fig, title=f"Router probabilities of token {position} {show_token(token)!r} "
-                            f"(gates un-renormalised, mean sum {mean_sum:.2f})", height=max(250, 120 + 22 * L))
+    return apply(fig, title=f"Router probabilities of token {position} {show_token(token)!r}<br>"
+                            f"(gates un-renormalised, mean sum {mean_sum:.2f})", height=max(270, 140 + 22 * L))
 
 
 # ------------------------------------------------------------------------------------------------ load --
