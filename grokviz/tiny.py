@@ -4,7 +4,8 @@ Grok-1 architecture (8 experts, top-2, grouped-query attention, attention soft-c
 embeddings) at toy size, trained by ``grokviz train --preset tiny`` on the offline corpus in
 ``grokviz/corpus/``. The folder is an ordinary converted checkpoint (safetensors shard + index + ``config.json``
 + ``tokenizer.model``), plus ``training.json`` (how it was trained), ``MODEL_CARD.md`` and ``card_stats.json``.
-``gv.load("tiny")`` opens it; nothing here imports the trainer. Everything is read from the package: no network.
+``gv.load("tiny")`` opens it (``grokviz.loading`` uses this module, never the other way round); nothing here
+imports the trainer. Everything is read from the package: no network.
 """
 
 from __future__ import annotations
@@ -36,17 +37,3 @@ def check_config(config) -> None:
                 for f in dataclasses.fields(GrokConfig) if getattr(given, f.name) != getattr(stored, f.name)]
         raise ValueError(f'gv.load("tiny", config=...): the bundled tiny model has a fixed config, and the one given '
                          f"differs: {', '.join(diff)}. Drop config= (or, for another model, pass its folder)")
-
-
-def load_tiny(path=TINY_DIR, **kw):
-    """The shipped trained tiny Grok with its SentencePiece tokenizer attached (``model.run("text")`` works).
-
-    ``path``: another folder in the same format; keywords as :func:`grokviz.load` (``progress`` defaults off)."""
-    from .loading import load
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"the tiny model folder is missing: {path} (reinstall grokviz, or retrain it with "
-                                f"`grokviz train --preset tiny --out {path}`)")
-    kw.setdefault("progress", False)
-    return load(path, **kw)

@@ -32,7 +32,8 @@ from grokviz import analysis
 from grokviz.analysis.common import next_token_logprobs
 from grokviz.config import is_real
 from grokviz.model.transformer import forward
-from grokviz.tiny import TINY_DIR, load_tiny
+import grokviz as gv
+from grokviz.tiny import TINY_DIR
 
 DOMAINS = ("code", "prose", "numbers")
 PROMPTS = ["def forward(self, x):", "import os\nimport", "class Parser:\n    def __init__(self", "12 + 7 = ",
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--print", action="store_true")
     args = ap.parse_args(argv)
     d = Path(args.dir)
-    model = load_tiny(d)
+    model = gv.load(d, progress=False)
     conf = json.loads((d / "training.json").read_text())
     data = load_data(str(d / "tokenizer.model"))
     stats = measure(model, data)

@@ -25,7 +25,7 @@ WEIGHTS_DIGEST = "dfc7ec6098b80a48b602485b597873855aae0da9a7e0e6aec9013bf124ee14
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny.load_tiny()
+    return gv.load("tiny")
 
 
 def test_files_and_sizes():
