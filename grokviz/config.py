@@ -2,8 +2,8 @@
 
 Field names follow the grokviz axis vocabulary (``d_model``, ``head_dim``, ``top_k``); the reference's own
 names (``emb_size``, ``key_size``, ``num_selected_experts``, ...) are accepted by
-:meth:`GrokConfig.from_reference`. Facts are from the Grok-1 release (xai-org/grok-1 @ 7050ed2) as described
-in the project's reference spec, §1.
+:meth:`GrokConfig.from_reference`. Facts are from the Grok-1 release (xai-org/grok-1 @ 7050ed2), written down in
+``docs/grok1.md#sizes``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ GENERATOR_FIELDS = frozenset({"batch", "big_qk_gain", "big_qk_layers", "emb_std"
 
 
 def expert_ffn_size(d_model: int, widening_factor: float) -> int:
-    """Expert hidden size as the release computes it (spec §1.3).
+    """Expert hidden size as the release computes it (docs/grok1.md#sizes).
 
     ``int(widening_factor * d_model) * 2 // 3``, then rounded *up* to the next multiple of 8 by adding
     ``(8 - ffn) % 8``. Grok-1: 8*6144 = 49152 -> 32768 (already a multiple of 8). D=64, wf=2 -> 85 -> 88.

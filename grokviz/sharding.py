@@ -1,4 +1,4 @@
-"""Sharding grokviz params over a ``("data", "model")`` device mesh, as the Grok-1 reference does (spec §6).
+"""Sharding grokviz params over a ``("data", "model")`` device mesh, as the Grok-1 reference does (docs/grok1.md#sharding).
 
 The reference's partition specs, translated to grokviz's leaf names (:mod:`grokviz.params`); per-layer leaves get
 an extra leading ``None`` for the stacked layer axis (never sharded)::
@@ -46,7 +46,7 @@ BASE_SPECS: dict[str, tuple] = {
     "w_down": (None, "model", "data"),
 }
 TOP_LEVEL = ("embed", "final_norm")
-#: what the release quantises, and its scale row-blocks (spec §5.1)
+#: what the release quantises, and its scale row-blocks (docs/grok1.md#checkpoint)
 RELEASE_SCALE_BLOCKS = {"w_q": 1, "w_k": 1, "w_v": 1, "w_o": 8, "w_gate": 1, "w_up": 1, "w_down": 8}
 
 

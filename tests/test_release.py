@@ -123,7 +123,7 @@ def test_inferred_shapes_and_missing_head_split():
 
 
 def test_layers_are_read_in_lexicographic_file_order(tmp_path):
-    """With 11+ layers file order is 0, 1, 10, 2, ... (spec §5.3): each layer's norms carry its own number."""
+    """With 11+ layers file order is 0, 1, 10, 2, ... (docs/grok1.md#checkpoint): each layer's norms carry its own number."""
     cfg = gv.GrokConfig.tiny(num_layers=11, vocab_size=32, d_model=16, num_q_heads=2, num_kv_heads=1,
                              head_dim=8, widening_factor=1)
     shapes = gv.params.shapes_dict(cfg)

@@ -1,6 +1,6 @@
 """The one name table between the reference's haiku parameter paths and grokviz's param pytree.
 
-Reference paths (spec §2) -> grokviz names (see :mod:`grokviz.params`):
+Reference paths (the release's haiku module paths) -> grokviz names (see :mod:`grokviz.params`):
 
 ================================================  =======================
 ``language_model/in_out_embed/embeddings``        ``embed``
@@ -48,7 +48,7 @@ LAYER_PREFIX = "transformer/decoder_layer_"
 
 
 def reference_paths(cfg: GrokConfig) -> list[tuple[str, str, int | None]]:
-    """Every reference path with its grokviz (name, layer), in the release's file order (spec §5.3).
+    """Every reference path with its grokviz (name, layer), in the release's file order (docs/grok1.md#checkpoint).
 
     JAX flattens the haiku dict with keys sorted *as strings*, so layers come in lexicographic order
     (0, 1, 10, 11, ..., 2, 20, ...). File ``tensor{i:05d}`` holds entry i of this list.

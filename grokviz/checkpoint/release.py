@@ -37,7 +37,7 @@ from .safe_pickle import UnsafePickleError as UnsafePickleError
 
 RELEASE_SUBDIR = "ckpt-0"
 FILE_RE = re.compile(r"^tensor(\d{5})_(\d{3})$")
-#: parameters the release stores as int8 + scales (spec §5.1); the others are plain float arrays
+#: parameters the release stores as int8 + scales (docs/grok1.md#checkpoint); the others are plain float arrays
 QUANTIZABLE = frozenset({"w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down"})
 #: pickle bytes beyond the raw payload that we tolerate before calling a file "too large for its parameter"
 PICKLE_OVERHEAD = 4096
@@ -95,7 +95,7 @@ def read_tensor(path: str | os.PathLike, param: str | None = None):
 
 
 def dequantize_np(w: Int8Weight, dtype=np.float32) -> np.ndarray:
-    """Exact fp32 dequantisation on the host (spec §5.1), then a cast to ``dtype``."""
+    """Exact fp32 dequantisation on the host (docs/grok1.md#checkpoint), then a cast to ``dtype``."""
     q, s = np.asarray(w.weight), np.asarray(w.scales).astype(np.float32)
     nb, rows = s.shape[-2], q.shape[-2]
     blocked = q.reshape(*q.shape[:-2], nb, rows // nb, q.shape[-1]).astype(np.float32) * s[..., :, None, :]

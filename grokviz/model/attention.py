@@ -1,4 +1,4 @@
-"""Grouped-query attention with RoPE, logit multiplier, 30*tanh soft cap and -1e30 masking (spec §3.5)."""
+"""Grouped-query attention with RoPE, logit multiplier, 30*tanh soft cap and -1e30 masking (docs/grok1.md#attention)."""
 
 from __future__ import annotations
 

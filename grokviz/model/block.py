@@ -1,4 +1,4 @@
-"""One decoder block (spec §3.4): sandwich norms around attention and the MoE. The lax.scan body."""
+"""One decoder block (docs/grok1.md#block): sandwich norms around attention and the MoE. The lax.scan body."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Small pure functions shared by the blocks (spec §3.3, §3.5.2, §3.6.3)."""
+"""Small pure functions shared by the blocks (docs/grok1.md#rmsnorm, #attention, #moe)."""
 
 from __future__ import annotations
 

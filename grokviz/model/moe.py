@@ -19,7 +19,7 @@ from .layers import gelu_tanh
 
 
 def route(x, w_router, cfg, point, iv=None):
-    """Router in fp32 (spec §3.6.1-2). Returns (gates [b,t,k], experts [b,t,k] int32).
+    """Router in fp32 (docs/grok1.md#moe). Returns (gates [b,t,k], experts [b,t,k] int32).
 
     With interventions ``iv`` (one layer's slice): logits get ``+ router_bias`` then ``/ router_temperature``;
     experts marked in ``expert_remove`` are skipped by top-k (tokens take their next choice; the gates stay the
