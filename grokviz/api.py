@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,6 @@ from .hooks import REGISTRY, AttentionSpec, select
 from .interventions import Interventions, check_interventions
 from .model.transformer import forward
 from .params import count_params, validate_params
-
 
 TRACE_COUNT = [0]  # incremented each time the jitted forward is traced (i.e. compiled); tests read it
 
@@ -32,7 +32,9 @@ forward_jit = jax.jit(_forward, static_argnames=("cfg", "capture", "expert_impl"
 
 def _forward_many(params, tokens, stacked, *, cfg, capture, expert_impl):
     TRACE_COUNT[0] += 1
-    fn = lambda iv: forward(params, tokens, cfg, capture=capture, interventions=iv, expert_impl=expert_impl)
+    def fn(iv):
+        return forward(params, tokens, cfg, capture=capture, interventions=iv, expert_impl=expert_impl)
+
     return jax.vmap(fn)(stacked)
 
 
@@ -132,7 +134,7 @@ class Run:
             out["top_k"] = self.cfg.top_k
         return out
 
-    def rerun(self, model: "Model | None" = None, **overrides) -> "Run":
+    def rerun(self, model: Model | None = None, **overrides) -> Run:
         """Run the same tokens again with exactly this run's settings, on ``model`` (default: the same model),
         with any keyword of :meth:`Model.run` overridden (``rerun(interventions=iv)``, ``rerun(top_k=1)``)."""
         settings = self.settings()

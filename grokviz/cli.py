@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-PRESETS = {"grok-1": "grok1", "grok1": "grok1", "tiny": "tiny"}
+PRESETS = {"grok-1": "grok1", "grok1": "grok1", "golden": "golden"}  # config presets `grokviz inspect` knows by name
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="format, config, parameter count, dtypes, bytes (and a memory plan)")
-    s.add_argument("path", help="checkpoint directory, or a preset name (grok-1, tiny) for --plan")
+    s.add_argument("path", help="checkpoint directory, or a preset name (grok-1, golden) for --plan")
     s.add_argument("--plan", action="store_true", help="print the per-device memory plan")
     s.add_argument("--devices", type=int, default=8, help="devices on the model axis (mesh 1 x N)")
     s.add_argument("--mesh", help="mesh shape DATAxMODEL, e.g. 2x4 (overrides --devices)")

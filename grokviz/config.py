@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from typing import Any
 
 # --- Grok-1 release constants, each with its derivation --------------------------------------------------
@@ -125,12 +124,12 @@ class GrokConfig:
     def kv_width(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def replace(self, **changes) -> "GrokConfig":
+    def replace(self, **changes) -> GrokConfig:
         return dataclasses.replace(self, **changes)
 
     # --- presets ---
     @classmethod
-    def grok1(cls) -> "GrokConfig":
+    def grok1(cls) -> GrokConfig:
         """The released Grok-1: 64 layers, 8 experts top-2, 48 query / 8 KV heads of 128, 315,684,820,992 params."""
         return cls(
             name="grok-1",
@@ -151,15 +150,17 @@ class GrokConfig:
         )
 
     @classmethod
-    def tiny(cls, **overrides) -> "GrokConfig":
-        """The golden-data configuration (vocab 512, D 64, 2 layers, 4/2 heads of 16, F 88)."""
-        base = dict(name="grok1-tiny", vocab_size=512, d_model=64, num_layers=2, num_q_heads=4,
+    def golden(cls, **overrides) -> GrokConfig:
+        """The configuration of the golden reference outputs in ``tests/data/`` (vocab 512, D 64, 2 layers, 4/2 heads
+        of 16, F 88), with overrides; a base for small test models. (The bundled trained model is
+        ``gv.load("tiny")``.)"""
+        base = dict(name="grok1-golden", vocab_size=512, d_model=64, num_layers=2, num_q_heads=4,
                     num_kv_heads=2, head_dim=16, widening_factor=2, sequence_len=32)
         base.update(overrides)
         return cls(**base)
 
     @classmethod
-    def from_reference(cls, *, ignore_generator_fields: bool = False, **fields: Any) -> "GrokConfig":
+    def from_reference(cls, *, ignore_generator_fields: bool = False, **fields: Any) -> GrokConfig:
         """Build from the reference's own field names (``emb_size``, ``key_size``, ...).
 
         Unknown names raise ``ValueError`` with the closest known names. ``ignore_generator_fields=True``

@@ -44,7 +44,7 @@ class Interventions:
     patches: dict = dataclasses.field(default_factory=dict)  # name -> (value, mask); see patch()
 
     @classmethod
-    def none(cls, cfg: GrokConfig) -> "Interventions":
+    def none(cls, cfg: GrokConfig) -> Interventions:
         L, E, H = cfg.num_layers, cfg.num_experts, cfg.num_q_heads
         return cls(expert_remove=jnp.zeros((L, E), bool), expert_scale=jnp.ones((L, E), jnp.float32),
                    head_scale=jnp.ones((L, H), jnp.float32), router_bias=jnp.zeros((L, E), jnp.float32),

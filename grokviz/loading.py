@@ -3,7 +3,7 @@
 ::
 
     model = gv.load("/data/grok-1/checkpoints")                         # release format, Grok-1 inferred
-    model = gv.load("tests/data/grok1_tiny_ckpt", config=cfg)           # release format, any config
+    model = gv.load("tests/data/grok1_golden_ckpt", config=cfg)           # release format, any config
     model = gv.load("/data/grok-1-converted", verify=True)              # converted: config from config.json
     model = gv.load(path, mesh=gv.sharding.make_mesh((1, 8)))           # placed sharded as it is read
     model = gv.load("tiny")                                             # the small bundled model

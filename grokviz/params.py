@@ -31,7 +31,8 @@ NORMS = ("attn_pre_norm", "attn_post_norm", "moe_pre_norm", "moe_post_norm")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """An int8 matrix with scales per output column and per block of input rows (release format: docs/grok1.md#checkpoint).
+    """An int8 matrix with scales per output column and per block of input rows (release format:
+    docs/grok1.md#checkpoint).
 
     ``weight``: int8 ``[..., in, out]``; ``scales``: ``[..., nb, out]`` (bf16 in the release).
     ``W[..., r, c] = f32(weight[..., r, c]) * f32(scales[..., r // (in // nb), c])`` — exact in fp32.

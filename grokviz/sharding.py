@@ -1,4 +1,5 @@
-"""Sharding grokviz params over a ``("data", "model")`` device mesh, as the Grok-1 reference does (docs/grok1.md#sharding).
+"""Sharding grokviz params over a ``("data", "model")`` device mesh, as the Grok-1 reference does
+(docs/grok1.md#sharding).
 
 The reference's partition specs, translated to grokviz's leaf names (:mod:`grokviz.params`); per-layer leaves get
 an extra leading ``None`` for the stacked layer axis (never sharded)::
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .config import GrokConfig
 from .params import NORMS, Int8Weight, shapes_dict
@@ -100,7 +102,8 @@ def leaf_spec(name: str, leaf, mesh, stacked: bool = True):
     """PartitionSpec (or Int8Weight of two specs) for the leaf ``name`` of shape ``leaf.shape``."""
     base = base_spec(name, stacked)
     if isinstance(leaf, Int8Weight):
-        return Int8Weight(weight=fit_spec(base, leaf.weight.shape, mesh), scales=fit_spec(base, leaf.scales.shape, mesh))
+        return Int8Weight(weight=fit_spec(base, leaf.weight.shape, mesh),
+                          scales=fit_spec(base, leaf.scales.shape, mesh))
     return fit_spec(base, leaf.shape, mesh)
 
 

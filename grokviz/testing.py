@@ -14,7 +14,7 @@ from .config import GrokConfig
 from .params import init_params
 
 REPO = Path(__file__).resolve().parent.parent
-GOLDEN_NPZ = "grok1_tiny.npz"
+GOLDEN_NPZ = "grok1_golden.npz"
 
 
 def golden_dir() -> Path:
@@ -33,7 +33,7 @@ def load_golden(path: str | Path | None = None):
 
 
 def random_model_parts(cfg: GrokConfig | None = None, seed: int = 0):
-    cfg = cfg or GrokConfig.tiny()
+    cfg = cfg or GrokConfig.golden()
     return cfg, init_params(cfg, jax.random.key(seed))
 
 

@@ -1,4 +1,7 @@
-"""Writes notebooks/05_grok1_at_scale.ipynb (outputs stripped, stable cell ids). Run: .venv/bin/python scripts/make_notebook_05.py"""
+"""Writes notebooks/05_grok1_at_scale.ipynb (outputs stripped, stable cell ids).
+
+Run: .venv/bin/python scripts/make_notebook_05.py
+"""
 
 from pathlib import Path
 
@@ -15,7 +18,7 @@ pickles, int8 weights) to a sharded grokviz model: **load** it without executing
 **inspect** it, **convert** it to safetensors with hashes, **verify** it, **plan** memory for 8 devices, and
 **run** it.
 
-Here it runs on `tests/data/grok1_tiny_ckpt`, a 2-layer model written in exactly the release's format by the
+Here it runs on `tests/data/grok1_golden_ckpt`, a 2-layer model written in exactly the release's format by the
 official code. To use the real checkpoint, point `CHECKPOINT` at its `checkpoints/` directory (the one holding
 `ckpt-0/`) and set `CONFIG = None` (Grok-1 is recognised from the shapes)."""),
     ("code", """
@@ -27,9 +30,9 @@ from grokviz.checkpoint import converted as cv
 from grokviz.sharding import plan_memory
 
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-CHECKPOINT = REPO / "tests" / "data" / "grok1_tiny_ckpt"   # <- the real one: /path/to/grok-1/checkpoints
+CHECKPOINT = REPO / "tests" / "data" / "grok1_golden_ckpt"   # <- the real one: /path/to/grok-1/checkpoints
 # the release format does not record how the query width splits into heads: give the config for non-Grok-1 sizes
-golden = np.load(REPO / "tests" / "data" / "grok1_tiny.npz")
+golden = np.load(REPO / "tests" / "data" / "grok1_golden.npz")
 CONFIG = json.loads(str(golden["config_json"]))            # <- None for the real Grok-1"""),
     ("md", """
 ## 1. Inspect before loading
@@ -87,7 +90,8 @@ print("marker exists:", Path("/tmp/grokviz_pwned").exists())"""),
 
 `convert` streams the release one tensor at a time into safetensors shards plus an index (SHA-256 and size of
 every file) and a `config.json`. It writes into a temporary directory and renames it into place at the end, so
-an interrupted conversion never leaves a half-written checkpoint (nor, with `--overwrite`, loses the old one). Shell: `grokviz convert SRC DST`."""),
+an interrupted conversion never leaves a half-written checkpoint (nor, with `--overwrite`, loses the old one).
+Shell: `grokviz convert SRC DST`."""),
     ("code", """
 work = Path(tempfile.mkdtemp())
 dst = cv.convert(CHECKPOINT, work / "grok1-converted", config=CONFIG)
@@ -128,7 +132,8 @@ Computed from shapes only (nothing is allocated), with the reference's partition
     ("code", """
 plan = plan_memory(gv.GrokConfig.grok1(), (1, 8), "int8")
 print(plan.table())
-print(f"bf16 instead: {plan_memory(gv.GrokConfig.grok1(), (1, 8), 'bf16').per_device_bytes / 1e9:.1f} GB per device")"""),
+bf16 = plan_memory(gv.GrokConfig.grok1(), (1, 8), 'bf16')
+print(f"bf16 instead: {bf16.per_device_bytes / 1e9:.1f} GB per device")"""),
     ("md", """
 ## 8. Running sharded
 

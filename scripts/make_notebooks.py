@@ -212,7 +212,8 @@ def aux_loss(probs, top, E):
     f = np.bincount(top.ravel(), minlength=E) / top.size
     return E * np.sum(f * probs.mean(0))
 
-skewed = probs * np.array([8, 4, 1, 1, 1, 1, 1, 1]); skewed /= skewed.sum(-1, keepdims=True)
+skewed = probs * np.array([8, 4, 1, 1, 1, 1, 1, 1])
+skewed /= skewed.sum(-1, keepdims=True)
 uniform = np.full_like(probs, 1 / E)
 top_uniform = np.stack([rng.permutation(E)[:K] for _ in range(T)])
 for name, pr, tp in [("random router", probs, top), ("skewed router", skewed, np.argsort(-skewed, -1)[:, :K]),
@@ -243,7 +244,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 fig = make_subplots(rows=1, cols=2, subplot_titles=list(runs), shared_yaxes=True)
-for col, (name, hist) in enumerate(runs.items(), start=1):
+for col, hist in enumerate(runs.values(), start=1):
     share = np.asarray(hist["expert_load"])          # [logged step, layer, expert]
     for ex in range(qcfg.num_experts):
         fig.add_trace(go.Scatter(x=hist["step"], y=share[:, 0, ex], mode="lines", name=f"E{ex}",
@@ -253,7 +254,6 @@ fig.update_layout(title="Layer 0 expert load share during training", template="g
 fig.update_xaxes(title="step")
 fig"""),
     code("""
-from grokviz.analysis import routing as ra
 for name, hist in runs.items():
     share = np.asarray(hist["expert_load"])[-1]       # [layer, expert] at the end
     cv = share.std(-1) / share.mean(-1)

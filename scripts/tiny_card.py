@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import grokviz as gv
 from grokviz import analysis
 from grokviz.analysis.common import next_token_logprobs
 from grokviz.config import is_real
 from grokviz.model.transformer import forward
-import grokviz as gv
 from grokviz.tiny import TINY_DIR
 
 DOMAINS = ("code", "prose", "numbers")

@@ -1,6 +1,5 @@
 """Ablation sweeps and patching: the prefix-reusing, vmapped sweep equals separate full runs (golden config)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -15,7 +15,7 @@ def test_bucket_lengths():
 
 
 def test_bucketed_equals_unbucketed_including_left_padding():
-    cfg = gv.GrokConfig.tiny(sequence_len=64)
+    cfg = gv.GrokConfig.golden(sequence_len=64)
     model = gv.Model(cfg, gv.init_params(cfg, jax.random.key(3)))
     toks = random_tokens(cfg, 2, 11, seed=4)
     toks[0, :3] = 0  # left padding: those queries see no real key and attend uniformly over the true length
@@ -29,7 +29,7 @@ def test_bucketed_equals_unbucketed_including_left_padding():
 
 
 def test_prompts_in_one_bucket_share_one_compile():
-    cfg = gv.GrokConfig.tiny(sequence_len=64)
+    cfg = gv.GrokConfig.golden(sequence_len=64)
     model = gv.Model(cfg, gv.init_params(cfg, jax.random.key(5)))
     model.run(random_tokens(cfg, 1, 17), capture=["blocks.moe.top_k_experts"])
     start = api.TRACE_COUNT[0]
@@ -62,7 +62,7 @@ _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 def test_lengths_in_one_bucket_compile_nothing_at_all():
     """Trimming logits[:, :t] eagerly compiled a slice for every distinct length; patches were padded by jnp.pad
     (another program per length). Now both happen on the host."""
-    cfg = gv.GrokConfig.tiny(sequence_len=64)
+    cfg = gv.GrokConfig.golden(sequence_len=64)
     model = gv.Model(cfg, gv.init_params(cfg, jax.random.key(5)))
     none = gv.Interventions.none(cfg)
     capture = ["blocks.moe.top_k_experts", "blocks.resid_post"]
@@ -85,7 +85,7 @@ def test_lengths_in_one_bucket_compile_nothing_at_all():
 
 
 def test_patched_runs_are_bucketed_like_plain_ones():
-    cfg = gv.GrokConfig.tiny(sequence_len=64)
+    cfg = gv.GrokConfig.golden(sequence_len=64)
     model = gv.Model(cfg, gv.init_params(cfg, jax.random.key(6)))
     toks = random_tokens(cfg, 2, 11, seed=1)
     src = model.run(random_tokens(cfg, 2, 11, seed=2), capture=["blocks.resid_mid"], bucket=False)

@@ -12,8 +12,8 @@ from grokviz import cli
 from grokviz.checkpoint.manifest import MANIFEST_NAME
 
 DATA = Path(__file__).resolve().parent / "data"
-CKPT = DATA / "grok1_tiny_ckpt"
-CONFIG_JSON = str(np.load(DATA / "grok1_tiny.npz")["config_json"])
+CKPT = DATA / "grok1_golden_ckpt"
+CONFIG_JSON = str(np.load(DATA / "grok1_golden.npz")["config_json"])
 
 
 @pytest.fixture

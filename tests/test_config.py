@@ -31,7 +31,7 @@ def test_from_reference_round_trip_and_unknown_names():
     with pytest.raises(ValueError, match="Unknown reference config field 'num_head'.*num_q_heads"):
         gv.GrokConfig.from_reference(**{**ref, "num_head": 4})
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        gv.GrokConfig.tiny(num_q_heads=3)
+        gv.GrokConfig.golden(num_q_heads=3)
 
 
 def test_full_grok1_parameter_count_without_allocation():

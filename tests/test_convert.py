@@ -18,7 +18,7 @@ from grokviz.checkpoint.release import CheckpointError
 from grokviz.tokenizer import find_grok1_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"
-CKPT = DATA / "grok1_tiny_ckpt"
+CKPT = DATA / "grok1_golden_ckpt"
 
 
 def same_params(a, b):
@@ -189,7 +189,7 @@ def test_manifest_and_release_verify(tmp_path, capsys):
 
 
 def tmp_config(tmp_path):
-    z = np.load(DATA / "grok1_tiny.npz")
+    z = np.load(DATA / "grok1_golden.npz")
     p = tmp_path / "golden_config.json"
     p.write_text(str(z["config_json"]))
     return p

@@ -12,7 +12,8 @@ import grokviz as gv
 def test_out_of_vocab(golden_model):
     toks = np.ones((1, 5), np.int32)
     toks[0, 3] = 512
-    with pytest.raises(ValueError, match=re.escape("token id 512 at position (0, 3) is outside the vocabulary [0, 512)")):
+    msg = "token id 512 at position (0, 3) is outside the vocabulary [0, 512)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         golden_model.run(toks)
     with pytest.raises(ValueError, match="token id -1"):
         golden_model.run(-np.ones((1, 2), np.int32))

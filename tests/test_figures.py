@@ -1,5 +1,7 @@
 """Figure builders: inspect fig.data and titles (pure numpy in, plotly out; no JAX)."""
 
+from pathlib import Path
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -12,7 +14,7 @@ TOKENS = ["\u2581the", "\u2581cat", "\u2581the", "\u2581mat"]
 
 def test_figure_builders_do_not_use_jax_or_widgets():
     # grokviz.viz lives in a package whose __init__ imports the JAX core; the builders themselves are pure
-    src = open(F.__file__).read() + open(theme.__file__).read()
+    src = Path(F.__file__).read_text() + Path(theme.__file__).read_text()
     for mod in ("jax", "ipywidgets", "anywidget"):
         assert f"import {mod}" not in src and f"from {mod}" not in src
 

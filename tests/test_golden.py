@@ -3,8 +3,6 @@
 import numpy as np
 import pytest
 
-import grokviz as gv
-
 PATHS = [(impl, unroll) for impl in ("dense", "sparse") for unroll in (False, True)]
 INTERMEDIATES = {  # golden key -> our hook
     "attn_out": "blocks.attn.out",
@@ -52,8 +50,8 @@ def test_intermediates_match_reference(golden_run, key):
 
 def test_embedding_and_final_norm_match(golden_run):
     run, z = golden_run
-    np.testing.assert_allclose(run.cache["embed.out"], z["transformer_in"], atol=1e-5 * np.abs(z["transformer_in"]).max())
-    np.testing.assert_allclose(run.cache["final_norm.out"], z["final_normed"], atol=1e-5 * np.abs(z["final_normed"]).max())
+    for hook, ref in (("embed.out", "transformer_in"), ("final_norm.out", "final_normed")):
+        np.testing.assert_allclose(run.cache[hook], z[ref], atol=1e-5 * np.abs(z[ref]).max())
 
 
 def test_logits_literal_bf16_within_documented_gap(golden_model, golden):

@@ -42,7 +42,8 @@ def test_layer_indexing_and_hook_consistency(full_run, golden):
     cfg, _, z = golden
     np.testing.assert_array_equal(full_run.cache["blocks.moe.router_probs", 1],
                                   np.asarray(full_run.cache["blocks.moe.router_probs"])[1])
-    np.testing.assert_array_equal(full_run.cache["blocks.moe.router_probs", -1], full_run.cache["blocks.moe.router_probs", 1])
+    probs = "blocks.moe.router_probs"
+    np.testing.assert_array_equal(full_run.cache[probs, -1], full_run.cache[probs, 1])
     # out-of-range layers are errors (jax used to clamp them to the last layer)
     for layer in (2, 100, -3):
         with pytest.raises(IndexError, match=re.escape(f"layer {layer} is outside the model's 2 layers [-2, 2)")):

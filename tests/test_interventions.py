@@ -54,7 +54,8 @@ def test_remove_expert(golden_model, golden, base, none):
     # tokens that did not use the expert keep their experts and gates exactly
     before = np.asarray(base.cache["blocks.moe.top_k_experts"])[layer]
     untouched = ~np.any(before == expert, axis=-1)
-    np.testing.assert_array_equal(np.asarray(run.cache["blocks.moe.top_k_experts"])[layer][untouched], before[untouched])
+    after = np.asarray(run.cache["blocks.moe.top_k_experts"])[layer]
+    np.testing.assert_array_equal(after[untouched], before[untouched])
     # a token that used it now gets its next choice, gated by that choice's router probability
     probs = np.asarray(run.cache["blocks.moe.router_probs"])[layer]
     moved = np.asarray(run.cache["blocks.moe.top_k_experts"])[layer][~untouched]
@@ -128,7 +129,8 @@ def test_routing_patching_uses_other_prompts_decisions(golden_model, golden, non
     other = golden_model.run(toks[::-1].copy(), capture=["blocks.moe.top_k_experts"])
     iv = none.force_routing(np.asarray(other.cache["blocks.moe.top_k_experts"])[:, ::-1])  # align rows back
     run = golden_model.run(toks, capture=["blocks.moe.*"], interventions=iv)
-    np.testing.assert_array_equal(run.cache["blocks.moe.top_k_experts"], other.cache["blocks.moe.top_k_experts"][:, ::-1])
+    top = "blocks.moe.top_k_experts"
+    np.testing.assert_array_equal(run.cache[top], other.cache[top][:, ::-1])
     probs = np.asarray(run.cache["blocks.moe.router_probs"])
     np.testing.assert_array_equal(run.cache["blocks.moe.top_k_weights"],
                                   np.take_along_axis(probs, np.asarray(run.cache["blocks.moe.top_k_experts"]), -1))

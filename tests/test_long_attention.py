@@ -1,21 +1,22 @@
 """Long sequences: query-chunked causal attention (no full map kept) equals the full computation."""
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
 
 import grokviz as gv
-import importlib
+from grokviz.testing import random_tokens
 
 A = importlib.import_module("grokviz.model.attention")
-from grokviz.testing import random_tokens
 
 REDUCED = ["blocks.attn.entropy", "blocks.attn.top_keys", "blocks.attn.top_key_weights", "blocks.attn.pattern_at"]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = gv.GrokConfig.tiny(sequence_len=2048, num_layers=2)
+    cfg = gv.GrokConfig.golden(sequence_len=2048, num_layers=2)
     model = gv.Model(cfg, gv.init_params(cfg, jax.random.key(11)))
     toks = random_tokens(cfg, 2, 1100, seed=12)  # bucketed to 1280: chunked path (>= 1024)
     toks[0, :5] = 0    # left padding: queries with no key
@@ -55,7 +56,8 @@ def test_chunked_equals_full(setup):
     np.testing.assert_array_equal(chunked.cache["blocks.moe.top_k_experts"], full.cache["blocks.moe.top_k_experts"])
     for name in ("blocks.attn.entropy", "blocks.attn.top_key_weights", "blocks.attn.pattern_at"):
         np.testing.assert_allclose(chunked.cache[name], full.cache[name], atol=1e-5, err_msg=name)
-    assert np.mean(np.asarray(chunked.cache["blocks.attn.top_keys"]) == np.asarray(full.cache["blocks.attn.top_keys"])) > 0.999
+    top = "blocks.attn.top_keys"
+    assert np.mean(np.asarray(chunked.cache[top]) == np.asarray(full.cache[top])) > 0.999
 
 
 def test_left_padded_rows_stay_uniform_over_the_true_length(setup):
@@ -72,6 +74,6 @@ def test_maps_of_selected_layers_are_recomputed_exactly(setup):
     spec = gv.AttentionSpec(layers=(1,), heads=(2,))
     run = model.run(full.tokens, capture=["blocks.attn.pattern", "blocks.attn.scores"], attention=spec)
     assert run.cache["blocks.attn.pattern"].shape == (1, 2, 1, 1100, 1100)
-    np.testing.assert_allclose(run.cache["blocks.attn.pattern", 1][:, 0], np.asarray(full.cache["blocks.attn.pattern"])[1][:, 2],
-                               atol=1e-6)
+    full_map = np.asarray(full.cache["blocks.attn.pattern"])
+    np.testing.assert_allclose(run.cache["blocks.attn.pattern", 1][:, 0], full_map[1][:, 2], atol=1e-6)
     np.testing.assert_allclose(run.logits, full.logits, atol=2e-5)

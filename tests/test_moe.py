@@ -26,7 +26,7 @@ def loop_oracle(p, x, experts):
 
 @pytest.mark.parametrize("n_exp,k,b,t", [(8, 2, 2, 24), (4, 3, 1, 7), (16, 1, 3, 5), (8, 8, 1, 3)])
 def test_sparse_equals_dense_equals_oracle(n_exp, k, b, t):
-    cfg = gv.GrokConfig.tiny(num_experts=n_exp, top_k=k, num_layers=1)
+    cfg = gv.GrokConfig.golden(num_experts=n_exp, top_k=k, num_layers=1)
     params = gv.init_params(cfg, jax.random.key(1))
     p = jax.tree_util.tree_map(lambda a: a[0], params["blocks"])
     x = jax.random.normal(jax.random.key(2), (b, t, cfg.d_model))
@@ -39,7 +39,7 @@ def test_sparse_equals_dense_equals_oracle(n_exp, k, b, t):
 
 
 def test_sparse_handles_all_tokens_on_one_expert():
-    cfg = gv.GrokConfig.tiny(num_layers=1)
+    cfg = gv.GrokConfig.golden(num_layers=1)
     p = jax.tree_util.tree_map(lambda a: a[0], gv.init_params(cfg, jax.random.key(3))["blocks"])
     x = jax.random.normal(jax.random.key(4), (2, 9, cfg.d_model))
     experts = jnp.stack([jnp.full((2, 9), 5), jnp.full((2, 9), 0)], axis=-1).astype(jnp.int32)
@@ -47,7 +47,7 @@ def test_sparse_handles_all_tokens_on_one_expert():
 
 
 def test_route_is_grok_semantics():
-    cfg = gv.GrokConfig.tiny(num_layers=1)
+    cfg = gv.GrokConfig.golden(num_layers=1)
     w = jax.random.normal(jax.random.key(5), (cfg.d_model, cfg.num_experts))
     x = jax.random.normal(jax.random.key(6), (1, 4, cfg.d_model))
     point = Point(frozenset({"blocks.moe.router_probs"}), prefix="blocks.")
@@ -61,7 +61,7 @@ def test_route_is_grok_semantics():
 
 @pytest.mark.parametrize("impl", ["dense", "sparse"])
 def test_right_padding_does_not_change_real_positions(impl):
-    cfg, params = gv.GrokConfig.tiny(), gv.init_params(gv.GrokConfig.tiny(), jax.random.key(7))
+    cfg, params = gv.GrokConfig.golden(), gv.init_params(gv.GrokConfig.golden(), jax.random.key(7))
     model = gv.Model(cfg, params)
     toks = random_tokens(cfg, 1, 12, seed=1)
     padded = np.concatenate([toks, np.zeros((1, 5), np.int32)], axis=1)
@@ -72,7 +72,7 @@ def test_right_padding_does_not_change_real_positions(impl):
 
 
 def test_left_padding_is_finite_and_pad_rows_attend_uniformly():
-    cfg, params = gv.GrokConfig.tiny(), gv.init_params(gv.GrokConfig.tiny(), jax.random.key(8))
+    cfg, params = gv.GrokConfig.golden(), gv.init_params(gv.GrokConfig.golden(), jax.random.key(8))
     model = gv.Model(cfg, params)
     toks = random_tokens(cfg, 2, 10, seed=2)
     toks[0, :4] = 0  # left padding

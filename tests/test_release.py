@@ -24,7 +24,7 @@ from grokviz.checkpoint.release import (
 from grokviz.params import Int8Weight
 
 DATA = Path(__file__).resolve().parent / "data"
-CKPT = DATA / "grok1_tiny_ckpt"
+CKPT = DATA / "grok1_golden_ckpt"
 
 
 # --- writing release-format files the way the release does (class recorded as __main__.QuantizedWeight8bit) ---
@@ -123,8 +123,9 @@ def test_inferred_shapes_and_missing_head_split():
 
 
 def test_layers_are_read_in_lexicographic_file_order(tmp_path):
-    """With 11+ layers file order is 0, 1, 10, 2, ... (docs/grok1.md#checkpoint): each layer's norms carry its own number."""
-    cfg = gv.GrokConfig.tiny(num_layers=11, vocab_size=32, d_model=16, num_q_heads=2, num_kv_heads=1,
+    """With 11+ layers file order is 0, 1, 10, 2, ... (docs/grok1.md#checkpoint): each layer's norms carry its own
+    number."""
+    cfg = gv.GrokConfig.golden(num_layers=11, vocab_size=32, d_model=16, num_q_heads=2, num_kv_heads=1,
                              head_dim=8, widening_factor=1)
     shapes = gv.params.shapes_dict(cfg)
 

@@ -20,7 +20,7 @@ from grokviz.checkpoint import safe_pickle
 from grokviz.checkpoint.release import CheckpointError, UnsafePickleError, read_tensor
 from grokviz.checkpoint.safe_pickle import RestrictedUnpickler, check_layout, unpickle
 
-CKPT = Path(__file__).resolve().parent / "data" / "grok1_tiny_ckpt" / "ckpt-0"
+CKPT = Path(__file__).resolve().parent / "data" / "grok1_golden_ckpt" / "ckpt-0"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 

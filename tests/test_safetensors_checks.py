@@ -196,7 +196,7 @@ def test_quantised_top_level_leaves(golden, tmp_path):
 
 def test_exporting_int8_params(golden, tmp_path):
     cfg = golden[0]
-    model = gv.load(Path(__file__).parent / "data" / "grok1_tiny_ckpt", config=cfg, progress=False)
+    model = gv.load(Path(__file__).parent / "data" / "grok1_golden_ckpt", config=cfg, progress=False)
     with pytest.raises(TypeError, match=r"needs its config: save\(params, dst, cfg=\.\.\.\)"):
         cv.save(model.params, tmp_path / "x")
     dst = cv.save(model.params, tmp_path / "int8", cfg)

@@ -40,7 +40,7 @@ def test_non_dividing_axes_fall_back_to_replicated():
 
 
 def test_int8_scales_get_the_weight_spec(golden):
-    model = gv.load(Path(__file__).parent / "data" / "grok1_tiny_ckpt", config=golden[0], progress=False)
+    model = gv.load(Path(__file__).parent / "data" / "grok1_golden_ckpt", config=golden[0], progress=False)
     s = param_specs(model.params, (1, 8))["blocks"]
     assert s["w_down"].weight == P(None, None, "model", "data") and s["w_down"].scales == P(None, None, "model", "data")
     assert s["w_gate"].scales == P(None, None, "data", "model")
@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent("""
     for shape in [(1, 8), (2, 4)]:
         mesh = make_mesh(shape)
         # int8 release checkpoint, placed sharded as it is read
-        model = gv.load("tests/data/grok1_tiny_ckpt", config=cfg, mesh=mesh, progress=False)
+        model = gv.load("tests/data/grok1_golden_ckpt", config=cfg, mesh=mesh, progress=False)
         w = model.params["blocks"]["w_gate"].weight
         out[str(shape)] = dict(shard=list(w.addressable_shards[0].data.shape), ndev=len(w.sharding.device_set))
         logits[f"{shape}-int8"] = np.asarray(model.run(z["tokens"]).logits)

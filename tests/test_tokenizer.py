@@ -49,7 +49,7 @@ def test_model_runs_text_with_attached_tokenizer():
     import grokviz as gv
 
     tok = Tokenizer(PATH)
-    big = gv.GrokConfig.tiny(vocab_size=131072, num_layers=1, sequence_len=64)
+    big = gv.GrokConfig.golden(vocab_size=131072, num_layers=1, sequence_len=64)
     import jax
 
     model = gv.Model(big, gv.init_params(big, jax.random.key(0)), tokenizer=tok)

@@ -21,7 +21,7 @@ SEQ = 24
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = gv.GrokConfig.tiny(num_layers=3, sequence_len=64)
+    cfg = gv.GrokConfig.golden(num_layers=3, sequence_len=64)
     return gv.Model(cfg, gv.init_params(cfg, jax.random.key(1)))
 
 

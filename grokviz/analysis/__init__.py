@@ -19,20 +19,38 @@ from . import dataset as dataset
 from . import patching as patching
 from . import routing as routing
 from . import specialisation as specialisation
-from .common import (last_real_position as last_real_position, next_token_kl as next_token_kl,
-                     next_token_logprobs as next_token_logprobs, next_token_loss as next_token_loss,
-                     prediction_pairs as prediction_pairs, token_id as token_id)
-from .dataset import attention_stats as attention_stats, batches as batches, routing_stats as routing_stats
-from .patching import (ablation_sweep as ablation_sweep, activation_patching as activation_patching,
-                       patch_sweep as patch_sweep, routing_patching as routing_patching)
-from .routing import (coactivation as coactivation, consecutive_baselines as consecutive_baselines,
-                      consecutive_rates as consecutive_rates, expert_load as expert_load, gate_mass as gate_mass,
-                      load_cv as load_cv, load_share as load_share, router_z_loss as router_z_loss,
-                      load_baseline_cv as load_baseline_cv, paths_frame as paths_frame,
-                      routing_entropy as routing_entropy, routing_flow as routing_flow,
-                      routing_paths as routing_paths, routing_summary as routing_summary,
-                      switch_aux_loss as switch_aux_loss)
-from .specialisation import (TOKEN_CLASSES as TOKEN_CLASSES, expert_specialisation as expert_specialisation,
-                             group_expert_counts as group_expert_counts,
-                             token_class as token_class, token_expert_counts as token_expert_counts,
-                             top_tokens as top_tokens, vocab_classes as vocab_classes)
+from .common import last_real_position as last_real_position
+from .common import next_token_kl as next_token_kl
+from .common import next_token_logprobs as next_token_logprobs
+from .common import next_token_loss as next_token_loss
+from .common import prediction_pairs as prediction_pairs
+from .common import token_id as token_id
+from .dataset import attention_stats as attention_stats
+from .dataset import batches as batches
+from .dataset import routing_stats as routing_stats
+from .patching import ablation_sweep as ablation_sweep
+from .patching import activation_patching as activation_patching
+from .patching import patch_sweep as patch_sweep
+from .patching import routing_patching as routing_patching
+from .routing import coactivation as coactivation
+from .routing import consecutive_baselines as consecutive_baselines
+from .routing import consecutive_rates as consecutive_rates
+from .routing import expert_load as expert_load
+from .routing import gate_mass as gate_mass
+from .routing import load_baseline_cv as load_baseline_cv
+from .routing import load_cv as load_cv
+from .routing import load_share as load_share
+from .routing import paths_frame as paths_frame
+from .routing import router_z_loss as router_z_loss
+from .routing import routing_entropy as routing_entropy
+from .routing import routing_flow as routing_flow
+from .routing import routing_paths as routing_paths
+from .routing import routing_summary as routing_summary
+from .routing import switch_aux_loss as switch_aux_loss
+from .specialisation import TOKEN_CLASSES as TOKEN_CLASSES
+from .specialisation import expert_specialisation as expert_specialisation
+from .specialisation import group_expert_counts as group_expert_counts
+from .specialisation import token_class as token_class
+from .specialisation import token_expert_counts as token_expert_counts
+from .specialisation import top_tokens as top_tokens
+from .specialisation import vocab_classes as vocab_classes

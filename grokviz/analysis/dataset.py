@@ -16,7 +16,7 @@ length bucketed to a power of two, so a whole dataset compiles only a few progra
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd

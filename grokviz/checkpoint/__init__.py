@@ -11,5 +11,6 @@
 * :mod:`.assemble` — stacking streamed tensors into the param pytree (on the host or onto a mesh).
 """
 
-from .names import params_from_reference as params_from_reference, params_to_reference as params_to_reference
+from .names import params_from_reference as params_from_reference
+from .names import params_to_reference as params_to_reference
 from .names import reference_paths as reference_paths

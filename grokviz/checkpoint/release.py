@@ -232,7 +232,7 @@ def infer_release_shapes(path, *, host: int = 0) -> dict:
     n = len(files)
     if n < 14 or (n - 2) % 12:
         raise CheckpointError(f"{release_dir(path)}: {n} tensor files is not 2 + 12 x layers")
-    probe = GrokConfig.tiny(num_layers=(n - 2) // 12)
+    probe = GrokConfig.golden(num_layers=(n - 2) // 12)
     table = reference_paths(probe)
     by_path = {ref: i for i, (ref, _, _) in enumerate(table)}
     pre = "transformer/decoder_layer_0/"
