@@ -64,6 +64,32 @@ def test_remove_expert(golden_model, golden, base, none):
     assert not np.allclose(run.logits, base.logits)
 
 
+def test_a_removed_expert_never_contributes_even_when_picked(golden_model, golden, none):
+    """gv.forward does no host checks: with 7 of 8 experts removed (top-2) one removed expert must still be
+    picked per token, and forced routing can name a removed expert; either way its gate is 0."""
+    cfg, params, toks = golden[0], golden_model.params, golden[2]["tokens"]
+    iv = none
+    for e in range(1, 8):
+        iv = iv.remove_expert(0, e)
+    names = frozenset({"blocks.moe.top_k_experts", "blocks.moe.top_k_weights"})
+    out = gv.forward(params, jnp.asarray(toks), cfg, capture=names, interventions=iv)
+    experts = np.asarray(out.cache["blocks.moe.top_k_experts"])[0]
+    gates = np.asarray(out.cache["blocks.moe.top_k_weights"])[0]
+    assert np.all(experts[..., 0] == 0) and np.all(experts[..., 1] != 0)   # expert 0, then a removed one
+    assert np.all(gates[..., 1] == 0) and np.all(gates[..., 0] > 0)
+    assert np.all(np.isfinite(np.asarray(out.logits)))
+    # renormalising over what is left: the kept expert's gate becomes 1
+    renorm = iv.with_router(renormalize=True)
+    out = gv.forward(params, jnp.asarray(toks), cfg, capture=names, interventions=renorm)
+    gates = np.asarray(out.cache["blocks.moe.top_k_weights"])[0]
+    np.testing.assert_allclose(gates, np.broadcast_to([1.0, 0.0], gates.shape), atol=1e-6)
+    # every expert removed (built by hand: the editing methods refuse it): zero gates, no NaN
+    everything = dataclasses.replace(renorm, expert_remove=renorm.expert_remove.at[0].set(True))
+    out = gv.forward(params, jnp.asarray(toks), cfg, capture=names, interventions=everything)
+    assert np.all(np.asarray(out.cache["blocks.moe.top_k_weights"])[0] == 0)
+    assert np.all(np.isfinite(np.asarray(out.logits)))
+
+
 def test_zero_expert_keeps_routing(golden_model, golden, base, none):
     run = golden_model.run(golden[2]["tokens"], capture=ROUTING, interventions=none.zero_expert(0, slice(None)))
     np.testing.assert_array_equal(run.cache["blocks.moe.top_k_experts", 0], base.cache["blocks.moe.top_k_experts", 0])

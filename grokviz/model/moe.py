@@ -23,7 +23,8 @@ def route(x, w_router, cfg, point, iv=None):
 
     With interventions ``iv`` (one layer's slice): logits get ``+ router_bias`` then ``/ router_temperature``;
     experts marked in ``expert_remove`` are skipped by top-k (tokens take their next choice; the gates stay the
-    router probabilities); ``renormalize`` rescales the k gates to sum to 1 (Mixtral-style).
+    router probabilities; a removed expert that is still picked, because more than E - k are removed or forced
+    routing names it, gets gate 0); ``renormalize`` rescales the k gates to sum to 1 (Mixtral-style).
     """
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), dense(w_router, jnp.float32))
     if iv is not None:
@@ -43,7 +44,11 @@ def route(x, w_router, cfg, point, iv=None):
     if iv is not None or point.patched("moe.top_k_experts"):
         gates = jnp.take_along_axis(probs, experts, axis=-1)
     if iv is not None:
-        renorm = gates / jnp.sum(gates, axis=-1, keepdims=True)
+        # a removed expert never contributes, even where it is still picked: when more than E - k experts are
+        # removed (Model.run refuses that; a direct forward call does not), or when forced routing names it
+        gates = jnp.where(jnp.take(iv["expert_remove"], experts), 0.0, gates)
+        total = jnp.sum(gates, axis=-1, keepdims=True)
+        renorm = jnp.where(total > 0, gates / jnp.where(total > 0, total, 1.0), 0.0)
         gates = jnp.where(iv["renormalize"], renorm, gates)
     gates = point("moe.top_k_weights", gates)
     return gates, experts
