@@ -14,6 +14,7 @@ Expert ablation semantics:
   * *remove* — top-k skips the expert; the other selected experts keep their gates (the router probabilities
     over all experts, Grok's un-renormalised semantics), so a token that used it gets its next choice with
     that choice's probability as gate. Tokens that did not use it are untouched.
+    A removed expert never contributes: where forced routing names it anyway, its slot's gate is 0.
   * *zero* — the expert's gated output is multiplied by 0 (any scale is allowed); routing is unchanged.
 Patches replace a named activation at chosen layers and positions with values from another run; patching
 ``blocks.moe.top_k_experts`` is routing patching / forced routing (gates become the router probabilities of
