@@ -38,15 +38,26 @@ def test_extras():
 
 def test_declared_dependencies_are_imported():
     """Every core and viz dependency is imported somewhere in the package or the notebooks (jaxlib and
-    ml_dtypes through their own names; jupyterlab is the server scripts/lab.sh starts)."""
+    ml_dtypes through their own names; jupyterlab is the server scripts/lab.sh starts; anywidget is what plotly's
+    FigureWidget is built on, and a clean install without it fails every widget, see the test below)."""
     project = PYPROJECT["project"]
     sources = "\n".join(p.read_text() for p in [*ROOT.glob("grokviz/**/*.py"), *ROOT.glob("notebooks/*.ipynb")])
     for dep in project["dependencies"] + project["optional-dependencies"]["viz"]:
         name = _name(dep)
-        if name in ("jaxlib", "jupyterlab"):
+        if name in ("jaxlib", "jupyterlab", "anywidget"):
             continue
         module = name.replace("-", "_")
         assert re.search(rf"^\s*(import|from) {module}\b|\"(import|from) {module}\b", sources, re.M), name
+
+
+def test_the_viz_extra_is_enough_for_a_figure_widget():
+    """plotly's FigureWidget needs anywidget, which nothing imports by name: it must be in the viz extra (a clean
+    install without it failed every widget and notebook)."""
+    import plotly.graph_objects as go
+
+    assert "anywidget" in {_name(d) for d in PYPROJECT["project"]["optional-dependencies"]["viz"]}
+    fig = go.FigureWidget(go.Figure(go.Scatter(x=[0, 1], y=[1, 0])))
+    assert len(fig.data) == 1
 
 
 def test_ci_runs_the_readme_test_command():
