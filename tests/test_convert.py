@@ -443,3 +443,21 @@ def test_release_manifest_paths_stay_inside(rel):
     (rel / MANIFEST_NAME).write_text("not a manifest line\n")
     with pytest.raises(CheckpointError, match="line 1 is not"):
         verify_release(rel)
+
+
+def test_atomic_file_keeps_the_old_file_on_error_and_follows_the_umask(tmp_path):
+    from grokviz.checkpoint.fsutil import atomic_file, write_file_atomic
+
+    target = tmp_path / "state.bin"
+    write_file_atomic(target, b"old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_file(target) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+    old = os.umask(0o027)
+    try:
+        write_file_atomic(target, b"new")
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o640

@@ -11,6 +11,7 @@ folder when ``dst`` is missing and removes the leftovers whose writing process n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -146,13 +147,16 @@ def publish_dir(tmp: Path, dst: Path, *, overwrite: bool) -> Path:
     return dst
 
 
-def write_file_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary sibling, fsync and rename (mode from the umask)."""
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """``with atomic_file(path) as f: ...`` writes a binary file that appears at ``path`` only complete: the
+    data goes to a temporary sibling ``.<name>.tmp-<pid>-<random>``, is fsynced and renamed into place (mode
+    from the umask); on any error the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
@@ -161,7 +165,13 @@ def write_file_atomic(path: Path, data: bytes) -> Path:
         _remove(Path(tmp))
         raise
     fsync_dir(path.parent)
-    return path
+
+
+def write_file_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def fsync_dir(path: Path):

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..checkpoint.fsutil import atomic_file
 from ..config import GrokConfig
 from .config import RUN_FIELDS, TrainConfig
 
@@ -47,7 +46,7 @@ def _leaf_table(tree) -> list[dict]:
 
 
 def save_checkpoint(path, params, opt_state, step: int, history: dict, meta: dict | None = None) -> None:
-    """Write the training state to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    """Write the training state to ``path`` atomically (:func:`grokviz.checkpoint.fsutil.atomic_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = (params, opt_state)
@@ -56,31 +55,8 @@ def save_checkpoint(path, params, opt_state, step: int, history: dict, meta: dic
     info = {"format": FORMAT, "version": VERSION, "step": int(step), "history": _jsonable(history),
             "meta": meta or {}, "leaves": _leaf_table(state)}
     arrays["info"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def _fail(path, what: str):

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ..checkpoint import converted
+from ..checkpoint.fsutil import write_file_atomic
 from ..config import GrokConfig
 from .config import TOKENIZER_PATH
 
@@ -18,7 +19,9 @@ HISTORY = "history.json"
 TRAINING = "training.json"   # training settings, final evaluation and timings (next to the converted model)
 _OWN = {CHECKPOINT, HISTORY, TRAINING, converted.CONFIG, converted.INDEX, converted.TOKENIZER,
         "model.safetensors"}  # the last: output of grokviz versions before the converted format
-_OWN_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|checkpoint\.npz\..+\.tmp|(history|training)\.json\.tmp")
+# the shards, and the temporary files of interrupted writes (fsutil.atomic_file's names, and older ones)
+_OWN_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|\.(checkpoint\.npz|history\.json|training\.json)\.tmp-\d+-.+"
+                     r"|checkpoint\.npz\..+\.tmp|(history|training)\.json\.tmp")
 
 
 def check_out_dir(out) -> Path:
@@ -64,10 +67,4 @@ def save_model(out_dir, cfg: GrokConfig, params, *, tokenizer_path=TOKENIZER_PAT
 def _write_json(path: Path, obj) -> None:
     from .checkpointing import _jsonable
 
-    obj = _jsonable(obj)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, (json.dumps(_jsonable(obj), indent=1) + "\n").encode())

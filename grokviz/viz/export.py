@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.basedatatypes import BaseFigure
+
+from ..checkpoint.fsutil import write_file_atomic
 
 
 def export_html(view, path, *, title: str = "grokviz") -> Path:
@@ -32,12 +32,4 @@ def export_html(view, path, *, title: str = "grokviz") -> Path:
     doc = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
            f'<body style="font-family:DejaVu Sans, Arial, sans-serif">\n' + "\n".join(body) + "\n</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(doc)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomic(path, doc.encode("utf-8"))
