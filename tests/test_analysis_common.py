@@ -98,3 +98,16 @@ def test_token_id():
         C.token_id(_Model(), 10)
     with pytest.raises(ValueError, match="no tokenizer"):
         C.token_id(type("M", (), {"tokenizer": None, "cfg": None})(), "a")
+
+
+def test_nan_logits_are_an_error_not_a_nan_answer(rng):
+    from grokviz.analysis.common import next_token_kl, next_token_logprobs, next_token_loss
+
+    tokens = np.array([[3, 1, 2, 4]])
+    logits = rng.normal(size=(1, 4, 6)).astype(np.float32)
+    bad = logits.copy()
+    bad[0, 1, 2] = np.nan
+    for fn in (lambda: next_token_loss(bad, tokens, 0), lambda: next_token_logprobs(bad, tokens),
+               lambda: next_token_kl(logits, bad)):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fn()

@@ -123,3 +123,19 @@ def test_maps_kept_in_the_scan_equal_maps_recomputed_after_it(parts):
         assert kept.cache[name].shape == (1, 2, 1, 24, 24)
         np.testing.assert_allclose(kept.cache[name], recomputed.cache[name], atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(kept.logits, recomputed.logits)
+
+
+def test_parts_refuse_bad_tokens_and_shapes(parts):
+    """Concrete out-of-range ids would be clamped by the gather: an error, as are empty or non-integer tokens
+    and a residual of the wrong width."""
+    cfg, params, toks = parts
+    with pytest.raises(ValueError, match=rf"token id {cfg.vocab_size + 3} is outside the vocabulary"):
+        forward(params, toks.at[0, 2].set(cfg.vocab_size + 3), cfg)
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        embed(params, toks.at[0, 0].set(-1), cfg)
+    with pytest.raises(ValueError, match=r"seq > 0, got shape \(2, 0\)"):
+        forward(params, toks[:, :0], cfg)
+    with pytest.raises(ValueError, match="integer ids"):
+        embed(params, toks.astype(jnp.float32), cfg)
+    with pytest.raises(ValueError, match=rf"d_model={cfg.d_model}\], got \(2, 3, 7\)"):
+        unembed(params, jnp.zeros((2, 3, 7)), cfg)

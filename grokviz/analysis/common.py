@@ -42,10 +42,19 @@ def _check_tokens(tokens, name="tokens"):
         raise ValueError(f"{name} must have shape [batch, seq], got shape {tuple(np.shape(tokens))}")
 
 
+def _check_finite(name, x):
+    """NaN or inf in concrete logits is an error (a loss or KL of NaN is never an answer); traced values pass."""
+    if _is_jax(x) and _is_tracer(x):
+        return
+    if not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
 def _check_logits(logits, tokens):
     if np.ndim(logits) != 3 or tuple(np.shape(logits))[:2] != tuple(np.shape(tokens)):
         raise ValueError(f"logits must have shape [batch, seq, vocab] matching tokens {list(np.shape(tokens))}, "
                          f"got shape {list(np.shape(logits))}")
+    _check_finite("logits", logits)
 
 
 def prediction_pairs(tokens, pad_token: int):
@@ -138,6 +147,8 @@ def next_token_kl(logits_p, logits_q, mask=None):
     if np.shape(logits_p) != np.shape(logits_q) or np.ndim(logits_p) != 3:
         raise ValueError(f"logits_p and logits_q must both be [batch, seq, vocab], got shapes "
                          f"{list(np.shape(logits_p))} and {list(np.shape(logits_q))}")
+    _check_finite("logits_p", logits_p)
+    _check_finite("logits_q", logits_q)
     xp = _xp(logits_p, logits_q, mask)
     lp, lq = _log_softmax(logits_p[:, :-1], xp), _log_softmax(logits_q[:, :-1], xp)
     kl = (xp.exp(lp) * (lp - lq)).sum(-1)

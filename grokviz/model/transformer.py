@@ -39,7 +39,18 @@ class Blocks(typing.NamedTuple):
 
 
 def embed(params, tokens, cfg, point: Point | None = None):
-    """tokens int [batch, seq] -> the residual stream into layer 0 (``embed.out``): embedding x multiplier."""
+    """tokens int [batch, seq] -> the residual stream into layer 0 (``embed.out``): embedding x multiplier.
+
+    Shape and dtype are checked always, ids against the vocabulary when ``tokens`` are concrete (a gather would
+    clamp an out-of-range id silently); inside ``jit`` the caller checks ids (``Model.run`` does)."""
+    if jnp.ndim(tokens) != 2 or 0 in jnp.shape(tokens) or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise ValueError(f"tokens must be integer ids of shape [batch, seq] with seq > 0, got shape "
+                         f"{tuple(jnp.shape(tokens))} and dtype {jnp.result_type(tokens)}")
+    if not isinstance(tokens, jax.core.Tracer):
+        ids = np.asarray(tokens)
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
     h = dense(params["embed"], jnp.float32)[tokens] * cfg.embedding_multiplier
     return h if point is None else point("embed.out", h)
 
@@ -47,6 +58,8 @@ def embed(params, tokens, cfg, point: Point | None = None):
 def unembed(params, h, cfg, point: Point | None = None):
     """h [..., d_model] -> logits [..., vocab]: final rms_norm (``final_norm.out``), tied unembedding, output
     multiplier (``unembed.logits``). The readout of the model, and of the logit lens at any layer."""
+    if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != cfg.d_model:
+        raise ValueError(f"unembed: h must have shape [..., d_model={cfg.d_model}], got {tuple(jnp.shape(h))}")
     point = point or Point()
     hf = point("final_norm.out", rms_norm(h, params["final_norm"], cfg.rms_eps))
     logits = jnp.einsum("...d,vd->...v", hf, dense(params["embed"], hf.dtype)) * cfg.output_multiplier
