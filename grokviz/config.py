@@ -74,7 +74,7 @@ class GrokConfig:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
-    widening_factor: float
+    widening_factor: float | None = None
     num_experts: int = 8
     top_k: int = 2
     attn_logit_multiplier: float = ATTN_LOGIT_MULTIPLIER
@@ -87,6 +87,36 @@ class GrokConfig:
     eos_token: int = EOS_TOKEN
     sequence_len: int = 8192
     name: str = "custom"
+    # --- architecture fields that distinguish the model families (defaults: Grok-1; docs/families.md) ---
+    family: str = "grok"
+    norm_layout: str = "sandwich"
+    ffn: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None
+    attn_sinks: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_max: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float | None = None
+    position_rule: str = "index"
+    router_rule: str = "softmax_topk"
+    router_renormalize: bool = False
+    router_bias: bool = False
+    expert_act: str = "gelu_tanh"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
+    shared_expert_ffn: int = 0
+    moe_layers: tuple[int, ...] | None = None
+    dense_ffn: int = 0
+    residual_multiplier: float = 1.0
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         positive = ["vocab_size", "d_model", "num_layers", "num_q_heads", "num_kv_heads", "head_dim",
@@ -102,14 +132,49 @@ class GrokConfig:
             raise ValueError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if self.widening_factor <= 0:
-            raise ValueError(f"widening_factor must be positive, got {self.widening_factor}")
+        if self.ffn is None and (self.widening_factor is None or self.widening_factor <= 0):
+            raise ValueError(f"give ffn (the expert hidden size) or a positive widening_factor, got "
+                             f"ffn={self.ffn!r}, widening_factor={self.widening_factor!r}")
+        if self.ffn is not None and (not isinstance(self.ffn, int) or isinstance(self.ffn, bool) or self.ffn <= 0):
+            raise ValueError(f"GrokConfig.ffn must be a positive int, got {self.ffn!r}")
+        for f in ("layer_types", "moe_layers"):
+            v = getattr(self, f)
+            if isinstance(v, list):
+                object.__setattr__(self, f, tuple(v))
+        _check_choices(self)
 
     # --- derived sizes ---
     @property
     def ffn_size(self) -> int:
-        """Expert hidden size F (see :func:`expert_ffn_size`)."""
-        return expert_ffn_size(self.d_model, self.widening_factor)
+        """Expert hidden size F: ``ffn`` when given, else the release formula (:func:`expert_ffn_size`)."""
+        return self.ffn if self.ffn is not None else expert_ffn_size(self.d_model, self.widening_factor)
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The MoE layers, ascending (every layer unless ``moe_layers`` names some)."""
+        return tuple(range(self.num_layers)) if self.moe_layers is None else tuple(sorted(self.moe_layers))
+
+    @property
+    def dense_layer_ids(self) -> tuple[int, ...]:
+        """The layers with a dense MLP instead of experts."""
+        moe = set(self.moe_layer_ids)
+        return tuple(i for i in range(self.num_layers) if i not in moe)
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layer_ids
+
+    @property
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does attention use the sliding window (``layer_types``; all layers when only
+        ``sliding_window`` is set)?"""
+        if self.layer_types is not None:
+            return tuple(t == "sliding" for t in self.layer_types)
+        return (self.sliding_window is not None,) * self.num_layers
+
+    @property
+    def sandwich(self) -> bool:
+        """Grok's four norms per layer (pre and post around both sublayers) rather than pre-norm only."""
+        return self.norm_layout == "sandwich"
 
     @property
     def group_size(self) -> int:
@@ -194,12 +259,60 @@ class GrokConfig:
         return {ref: getattr(self, ours) for ref, ours in REFERENCE_FIELDS.items()}
 
     def describe(self) -> str:
-        return (f"{self.name}: L={self.num_layers} D={self.d_model} heads={self.num_q_heads}/{self.num_kv_heads}"
-                f"x{self.head_dim} E={self.num_experts} k={self.top_k} F={self.ffn_size} V={self.vocab_size}")
+        fam = "" if self.family == "grok" else f" [{self.family}]"
+        dense = f" dense={list(self.dense_layer_ids)}" if self.moe_layers is not None else ""
+        return (f"{self.name}{fam}: L={self.num_layers} D={self.d_model} heads={self.num_q_heads}/{self.num_kv_heads}"
+                f"x{self.head_dim} E={self.num_experts} k={self.top_k} F={self.ffn_size} V={self.vocab_size}{dense}")
+
+
+#: allowed values of the architecture fields with a fixed set of choices
+CHOICES = {
+    "norm_layout": ("sandwich", "pre"),
+    "qk_norm": (None, "projection", "head"),
+    "rope_type": ("default", "yarn"),
+    "position_rule": ("index", "real_count"),
+    "router_rule": ("softmax_topk", "topk_softmax"),
+    "expert_act": ("gelu_tanh", "silu", "swiglu_clamped"),
+}
+
+
+def _check_choices(cfg: GrokConfig) -> None:
+    """Validate the architecture fields (one ValueError naming the field, the value and what is allowed)."""
+    for f, allowed in CHOICES.items():
+        if getattr(cfg, f) not in allowed:
+            raise ValueError(f"GrokConfig.{f} must be one of {list(allowed)}, got {getattr(cfg, f)!r}")
+    L = cfg.num_layers
+    if cfg.layer_types is not None:
+        if len(cfg.layer_types) != L or any(t not in ("full", "sliding") for t in cfg.layer_types):
+            raise ValueError(f"GrokConfig.layer_types must give 'full' or 'sliding' for each of the {L} layers, "
+                             f"got {cfg.layer_types!r}")
+        if "sliding" in cfg.layer_types and cfg.sliding_window is None:
+            raise ValueError("GrokConfig.layer_types has sliding layers but sliding_window is None")
+    if cfg.sliding_window is not None and (not isinstance(cfg.sliding_window, int) or cfg.sliding_window < 1):
+        raise ValueError(f"GrokConfig.sliding_window must be a positive int or None, got {cfg.sliding_window!r}")
+    if cfg.moe_layers is not None:
+        ids = cfg.moe_layers
+        if len(set(ids)) != len(ids) or any(not isinstance(i, int) or not 0 <= i < L for i in ids):
+            raise ValueError(f"GrokConfig.moe_layers must be distinct layer numbers in [0, {L}), got {ids!r}")
+        if len(ids) < L and cfg.dense_ffn <= 0:
+            raise ValueError("GrokConfig.moe_layers leaves dense layers, which need dense_ffn > 0")
+    if cfg.shared_expert_ffn < 0 or cfg.dense_ffn < 0:
+        raise ValueError("GrokConfig.shared_expert_ffn and dense_ffn must be >= 0")
+    if cfg.attn_softcap is not None and cfg.attn_softcap <= 0:
+        raise ValueError(f"GrokConfig.attn_softcap must be positive or None, got {cfg.attn_softcap!r}")
+    if cfg.router_renormalize and cfg.router_rule == "topk_softmax":
+        raise ValueError("router_renormalize applies to router_rule 'softmax_topk' (topk_softmax gates already "
+                         "sum to 1)")
+    if cfg.rope_type == "yarn" and (cfg.rope_factor <= 0 or cfg.rope_original_max <= 0):
+        raise ValueError("yarn RoPE needs rope_factor > 0 and rope_original_max > 0")
+    if cfg.pad_token < -1 or cfg.pad_token >= cfg.vocab_size:
+        raise ValueError(f"GrokConfig.pad_token must be a token id in [0, {cfg.vocab_size}) or -1 (no padding id), "
+                         f"got {cfg.pad_token}")
 
 
 
 def is_real(tokens, pad_token: int):
-    """The one padding predicate (numpy or jax arrays): a position is real iff ``token > pad_token``, as in the
-    Grok-1 reference's input mask. Used by the model, training, the dataset runners and the analysis code."""
-    return tokens > pad_token
+    """The one padding predicate (numpy or jax arrays): a position is real iff ``token != pad_token``. For Grok-1
+    (pad 0, ids >= 0) this is the reference's ``token > 0``; a config with ``pad_token = -1`` has no padding id.
+    Used by the model, training, the dataset runners and the analysis code."""
+    return tokens != pad_token

@@ -65,31 +65,78 @@ def dense(w, dtype=jnp.float32):
     return w.astype(dtype)
 
 
+def norm_names(cfg: GrokConfig) -> tuple[str, ...]:
+    """The per-layer norm leaves: Grok's four sandwich norms, or the pre-norm pair."""
+    return NORMS if cfg.sandwich else ("attn_pre_norm", "moe_pre_norm")
+
+
 def shapes_dict(cfg: GrokConfig) -> dict:
-    """Logical shape of every leaf (as tuples), the single source for init and validation."""
+    """Logical shape of every leaf (as tuples), the single source for init, loading and validation.
+
+    Leaves a family does not use are absent (biases, QK norms, sinks, shared expert, dense MLP, ``unembed``).
+    Per-layer leaves lead with the layer axis; the MoE leaves' leading axis counts the MoE layers only and the
+    dense MLP leaves' the dense layers only (both equal ``num_layers`` when every layer is of that kind)."""
     L, D, E, F = cfg.num_layers, cfg.d_model, cfg.num_experts, cfg.ffn_size
-    blocks = {n: (L, D) for n in NORMS}
+    Lm, Ld = len(cfg.moe_layer_ids), len(cfg.dense_layer_ids)
+    blocks = {n: (L, D) for n in norm_names(cfg)}
     blocks.update(w_q=(L, D, cfg.q_width), w_k=(L, D, cfg.kv_width), w_v=(L, D, cfg.kv_width),
-                  w_o=(L, cfg.q_width, D), router=(L, D, E),
-                  w_gate=(L, E, D, F), w_up=(L, E, D, F), w_down=(L, E, F, D))
-    return {"embed": (cfg.vocab_size, D), "final_norm": (D,), "blocks": blocks}
+                  w_o=(L, cfg.q_width, D))
+    if cfg.qkv_bias:
+        blocks.update(b_q=(L, cfg.q_width), b_k=(L, cfg.kv_width), b_v=(L, cfg.kv_width))
+    if cfg.o_bias:
+        blocks["b_o"] = (L, D)
+    if cfg.qk_norm == "projection":
+        blocks.update(q_norm=(L, cfg.q_width), k_norm=(L, cfg.kv_width))
+    elif cfg.qk_norm == "head":
+        blocks.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    if cfg.attn_sinks:
+        blocks["sinks"] = (L, cfg.num_q_heads)
+    if Lm:
+        blocks.update(router=(Lm, D, E), w_gate=(Lm, E, D, F), w_up=(Lm, E, D, F), w_down=(Lm, E, F, D))
+        if cfg.router_bias:
+            blocks["router_b"] = (Lm, E)
+        if cfg.expert_bias:
+            blocks.update(b_gate=(Lm, E, F), b_up=(Lm, E, F), b_down=(Lm, E, D))
+        if cfg.shared_expert_ffn:
+            Fs = cfg.shared_expert_ffn
+            blocks.update(s_gate=(Lm, D, Fs), s_up=(Lm, D, Fs), s_down=(Lm, Fs, D), s_router=(Lm, D))
+    if Ld:
+        Fd = cfg.dense_ffn
+        blocks.update(mlp_gate=(Ld, D, Fd), mlp_up=(Ld, D, Fd), mlp_down=(Ld, Fd, D))
+    top = {"embed": (cfg.vocab_size, D), "final_norm": (D,)}
+    if not cfg.tie_embeddings:
+        top["unembed"] = (cfg.vocab_size, D)
+    return {**top, "blocks": blocks}
+
+
+#: per-layer leaves whose leading axis counts MoE layers / dense layers (see :func:`shapes_dict`)
+MOE_LEAVES = frozenset({"router", "router_b", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down",
+                        "s_gate", "s_up", "s_down", "s_router"})
+DENSE_LEAVES = frozenset({"mlp_gate", "mlp_up", "mlp_down"})
+#: leaves initialised to 1 (norm scales) and to 0 (biases) by :func:`init_params`
+ONES = frozenset(NORMS) | {"final_norm", "q_norm", "k_norm"}
+ZEROS = frozenset({"b_q", "b_k", "b_v", "b_o", "router_b", "b_gate", "b_up", "b_down", "sinks"})
 
 
 def init_params(cfg: GrokConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random parameters for experiments: norm scales 1; embeddings N(0, 1/d_model) (so that the x sqrt(d_model)
-    embedding multiplier gives unit-scale activations); every matrix N(0, 1/fan_in), fan_in = second-to-last dim."""
+    """Random parameters for experiments: norm scales 1, biases and sinks 0; embeddings N(0, 1/d_model) (so that
+    the x sqrt(d_model) embedding multiplier gives unit-scale activations); every matrix N(0, 1/fan_in), fan_in =
+    second-to-last dim (the shared-expert gate vector ``s_router``: N(0, 1/d_model))."""
     shapes = shapes_dict(cfg)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(flat))
     leaves = []
     for (path, shape), k in zip(flat, keys):
         name = path[-1].key
-        if name in NORMS or name == "final_norm":
+        if name in ONES:
             leaves.append(jnp.ones(shape, dtype))
-        elif name == "embed":
+        elif name in ZEROS:
+            leaves.append(jnp.zeros(shape, dtype))
+        elif name in ("embed", "unembed"):
             leaves.append(jax.random.normal(k, shape, dtype) * (1.0 / np.sqrt(shape[-1])).item())
         else:
-            leaves.append(jax.random.normal(k, shape, dtype) * (1.0 / np.sqrt(shape[-2])).item())
+            fan_in = shape[-1] if name == "s_router" else shape[-2]
+            leaves.append(jax.random.normal(k, shape, dtype) * (1.0 / np.sqrt(fan_in)).item())
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

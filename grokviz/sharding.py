@@ -46,8 +46,15 @@ BASE_SPECS: dict[str, tuple] = {
     "router": ("data", None),
     "w_gate": (None, "data", "model"), "w_up": (None, "data", "model"),
     "w_down": (None, "model", "data"),
+    # leaves of the other families (params.shapes_dict): biases and norms follow their matrix's output axis
+    "unembed": (None, ALL),
+    "b_q": ("model",), "b_k": ("model",), "b_v": ("model",), "b_o": ("data",),
+    "q_norm": (None,), "k_norm": (None,), "sinks": (None,),
+    "router_b": (None,), "b_gate": (None, "model"), "b_up": (None, "model"), "b_down": (None, "data"),
+    "s_gate": ("data", "model"), "s_up": ("data", "model"), "s_down": ("model", "data"), "s_router": ("data",),
+    "mlp_gate": ("data", "model"), "mlp_up": ("data", "model"), "mlp_down": ("model", "data"),
 }
-TOP_LEVEL = ("embed", "final_norm")
+TOP_LEVEL = ("embed", "final_norm", "unembed")
 #: what the release quantises, and its scale row-blocks (docs/grok1.md#checkpoint)
 RELEASE_SCALE_BLOCKS = {"w_q": 1, "w_k": 1, "w_v": 1, "w_o": 8, "w_gate": 1, "w_up": 1, "w_down": 8}
 
@@ -109,7 +116,7 @@ def leaf_spec(name: str, leaf, mesh, stacked: bool = True):
 
 def param_specs(params, mesh) -> dict:
     """A pytree of PartitionSpecs matching ``params`` (Int8Weight leaves get an Int8Weight of specs)."""
-    out = {n: leaf_spec(n, params[n], mesh) for n in TOP_LEVEL}
+    out = {n: leaf_spec(n, params[n], mesh) for n in TOP_LEVEL if n in params}
     out["blocks"] = {n: leaf_spec(n, v, mesh) for n, v in params["blocks"].items()}
     return out
 
@@ -171,7 +178,7 @@ def plan_memory(cfg: GrokConfig, mesh_shape: Sequence[int] = (1, 8), dtype: str 
     n_dev = sizes["data"] * sizes["model"]
     blocks = scale_blocks or RELEASE_SCALE_BLOCKS
     shapes = shapes_dict(cfg)
-    items = [(n, shapes[n], None) for n in TOP_LEVEL] + [(n, s, None) for n, s in shapes["blocks"].items()]
+    items = [(n, shapes[n], None) for n in TOP_LEVEL if n in shapes] + [(n, s, None) for n, s in shapes["blocks"].items()]
     leaves, per_dev, total, nparams = [], 0, 0, 0
 
     def add(label, name, shape, nbytes_per_elt, dt):

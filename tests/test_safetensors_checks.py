@@ -161,7 +161,7 @@ def test_assembler_checks_every_tensor_exactly(golden):
     with pytest.raises(CheckpointError, match=r"f.bin: embed: shape \(512, 1\), config 'grok1-golden' expects "
                                               r"\(512, 64\)"):
         asm.put("embed", None, np.zeros((512, 1), np.float32), where="f.bin")
-    with pytest.raises(CheckpointError, match=r"w_q layer 2 is outside the config's layers 0..1"):
+    with pytest.raises(CheckpointError, match=r"w_q layer 2 is not one of the config's layers 0-1"):
         asm.put("w_q", 2, np.zeros((64, 64), np.float32))
     with pytest.raises(CheckpointError, match="unknown parameter 'w_qq'"):
         asm.put("w_qq", 0, np.zeros((64, 64), np.float32))

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import GrokConfig
-from ..params import Int8Weight, shapes_dict
+from ..params import DENSE_LEAVES, MOE_LEAVES, Int8Weight, shapes_dict
 from ..sharding import TOP_LEVEL, base_spec, fit_spec
 from .release import CheckpointError, dequantize_np
 
@@ -101,17 +101,19 @@ class ParamAssembler:
     def _check(self, name: str, layer, value, where: str):
         """Exact shape (and dtype role) of one tensor against the config; raises naming source, got, expected."""
         src = f"{where}: " if where else ""
-        if name in TOP_LEVEL:
+        if name in TOP_LEVEL and name in self.shapes:
             if layer is not None:
                 raise CheckpointError(f"{src}{name} is a top-level parameter but came with layer {layer}")
             want = tuple(self.shapes[name])
         elif name in self.shapes["blocks"]:
-            L = self.cfg.num_layers
-            if layer is None or not 0 <= layer < L:
-                raise CheckpointError(f"{src}{name} layer {layer} is outside the config's layers 0..{L - 1}")
+            layers = self._layers_of(name)
+            if layer is None or layer not in layers:
+                kind = {"moe": "MoE ", "dense": "dense "}.get(self._kind_of(name), "")
+                raise CheckpointError(f"{src}{name} layer {layer} is not one of the config's {kind}layers "
+                                      f"{_ranges(layers)}")
             want = tuple(self.shapes["blocks"][name][1:])
         else:
-            known = [*TOP_LEVEL, *self.shapes["blocks"]]
+            known = [*(n for n in TOP_LEVEL if n in self.shapes), *self.shapes["blocks"]]
             raise CheckpointError(f"{src}unknown parameter {name!r} (known: {', '.join(known)})")
         label = name if layer is None else f"{name} layer {layer}"
         if isinstance(value, Int8Weight):
@@ -138,7 +140,22 @@ class ParamAssembler:
         if not _is_float(dt):
             raise CheckpointError(f"{src}{label}: dtype {dt}, expected a float type")
 
+    @staticmethod
+    def _kind_of(name: str) -> str:
+        return "moe" if name in MOE_LEAVES else "dense" if name in DENSE_LEAVES else "all"
+
+    def _layers_of(self, name: str) -> tuple[int, ...]:
+        """The model layers a per-layer leaf has a slot for, in slot order (MoE leaves: the MoE layers only)."""
+        kind = self._kind_of(name)
+        if kind == "moe":
+            return self.cfg.moe_layer_ids
+        if kind == "dense":
+            return self.cfg.dense_layer_ids
+        return tuple(range(self.cfg.num_layers))
+
     def put(self, name: str, layer: int | None, value, where: str = ""):
+        """One tensor. ``layer``: the model layer number (None for top-level leaves); MoE and dense-MLP leaves are
+        stacked over their own layers (see :func:`grokviz.params.shapes_dict`)."""
         self._check(name, layer, value, where)
         if isinstance(value, Int8Weight) and not self.quantized:
             value = dequantize_np(value, np.float32)
@@ -147,7 +164,8 @@ class ParamAssembler:
                 raise CheckpointError(f"{where}: {name} arrived twice")
             self.top[name] = self._place_top(name, value)
             return
-        L = self.cfg.num_layers
+        L = len(self._layers_of(name))
+        slot = self._layers_of(name).index(layer)
         if isinstance(value, Int8Weight):
             kind = ("int8", tuple(value.scales.shape), np.dtype(value.scales.dtype))
         else:
@@ -163,13 +181,13 @@ class ParamAssembler:
             raise CheckpointError(f"{where}: {name} layer {layer} is stored as {kind} but earlier layers as "
                                   f"{self.kind[name]}; all layers of a parameter must be stored alike")
         st = self.stacks[name]
-        if layer in (st[0] if isinstance(st, tuple) else st).filled:
+        if slot in (st[0] if isinstance(st, tuple) else st).filled:
             raise CheckpointError(f"{where}: {name} layer {layer} arrived twice")
         if kind[0] == "int8":
-            st[0].put(layer, value.weight)
-            st[1].put(layer, value.scales)
+            st[0].put(slot, value.weight)
+            st[1].put(slot, value.scales)
         else:
-            st.put(layer, np.asarray(value).astype(self.dtype))
+            st.put(slot, np.asarray(value).astype(self.dtype))
 
     def finish(self) -> dict:
         blocks = {}
@@ -178,14 +196,31 @@ class ParamAssembler:
                 raise CheckpointError(f"parameter {name!r} was never loaded")
             st = self.stacks[name]
             first = st[0] if isinstance(st, tuple) else st
-            missing = sorted(set(range(self.cfg.num_layers)) - first.filled)
+            layers = self._layers_of(name)
+            missing = [layers[i] for i in sorted(set(range(len(layers))) - first.filled)]
             if missing:
                 raise CheckpointError(f"parameter {name!r} is missing layers {missing}")
             blocks[name] = (Int8Weight(weight=st[0].finish(), scales=st[1].finish()) if isinstance(st, tuple)
                             else st.finish())
-        for name in TOP_LEVEL:
+        top = [n for n in TOP_LEVEL if n in self.shapes]
+        for name in top:
             if name not in self.top:
                 raise CheckpointError(f"parameter {name!r} was never loaded")
-        return {"embed": self.top["embed"], "final_norm": self.top["final_norm"], "blocks": blocks}
+        return {**{n: self.top[n] for n in top}, "blocks": blocks}
+
+
+def _ranges(layers) -> str:
+    """``(0, 1, 2, 5)`` -> ``'0-2, 5'`` (for error messages)."""
+    out, run = [], []
+    for i in layers:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "(none)"
 
 
