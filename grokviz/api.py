@@ -72,7 +72,8 @@ def validate_tokens(tokens, cfg: GrokConfig) -> np.ndarray:
         raise ValueError(f"tokens are empty (shape {arr.shape}); give at least one token")
     if arr.shape[1] > cfg.sequence_len:
         raise ValueError(f"sequence length {arr.shape[1]} exceeds the model's sequence_len {cfg.sequence_len}")
-    lo, hi = int(arr.min()), int(arr.max())
+    ids = arr[arr != cfg.pad_token] if cfg.pad_token < 0 else arr  # pad id -1: padding outside the vocabulary
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
     if lo < 0 or hi >= cfg.vocab_size:
         bad = lo if lo < 0 else hi
         where = tuple(int(i) for i in np.argwhere(arr == bad)[0])

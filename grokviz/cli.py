@@ -4,7 +4,7 @@
 
     grokviz inspect PATH [--plan] [--devices 8 | --mesh 1x8] [--dtype int8]
     grokviz inspect --plan grok-1 --devices 8 --dtype int8      # plan for a preset, no checkpoint needed
-    grokviz convert SRC DST [--config JSON] [--overwrite] [--shard-gb 4]
+    grokviz convert SRC DST [--config JSON] [--overwrite] [--shard-gb 4]   # SRC: release or Hugging Face folder
     grokviz verify PATH [--manifest FILE] [--config JSON]
     grokviz manifest PATH [--write | -o FILE]
     grokviz train ...                                           # see grokviz.train
@@ -44,10 +44,29 @@ def cmd_inspect(args) -> int:
     from .config import GrokConfig
     from .sharding import plan_memory
 
+    from .checkpoint.hf import HFFolder, is_hf
+
     cfg = None
     if args.path in PRESETS and not Path(args.path).exists():
         cfg = getattr(GrokConfig, PRESETS[args.path])()
         print(f"preset: {cfg.describe()}")
+    elif is_hf(args.path):
+        info = HFFolder(args.path).summary()
+        cfg = info["config"]
+        import numpy as np
+
+        from .params import shapes_dict
+
+        sd = shapes_dict(cfg)
+        nparams = sum(int(np.prod(s)) for s in [*(v for k, v in sd.items() if k != "blocks"), *sd["blocks"].values()])
+        print(f"path:       {info['path']}")
+        print(f"format:     {info['format']}")
+        print(f"family:     {info['family']}")
+        print(f"config:     {cfg.describe()}")
+        print(f"parameters: {nparams:,}")
+        print("dtypes:     " + ", ".join(f"{k}: {v:,} elements" for k, v in sorted(info["dtypes"].items())))
+        print(f"tensors:    {info['tensors']} ({_fmt_bytes(info['tensor_bytes'])})")
+        print(f"files:      {info['files']} shard(s) ({_fmt_bytes(info['file_bytes'])})")
     else:
         info = inspect(args.path)
         cfg = info["config"]
@@ -78,7 +97,21 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from .checkpoint.converted import DEFAULT_SHARD_BYTES, convert
 
+    from .checkpoint.hf import HFFolder, is_hf
+
     shard = int(args.shard_gb * 1e9) if args.shard_gb else DEFAULT_SHARD_BYTES
+    if is_hf(args.src):
+        from .checkpoint.config_io import as_config
+        from .checkpoint.converted import write_checkpoint
+
+        hf = HFFolder(args.src, as_config(args.config) if args.config else None)
+        stream = ((n, layer, v) for n, layer, v, _ in hf.tensors(progress=not args.quiet))
+        dst = write_checkpoint(args.dst, hf.cfg, stream, overwrite=args.overwrite, max_shard_bytes=shard)
+        print(f"wrote {dst} ({hf.cfg.family}, stored dtype {hf.dtype})")
+        if hf.tokenizer is not None:
+            print(f"note: the converted format carries a SentencePiece tokenizer.model only; load with "
+                  f"gv.load(..., tokenizer={str(hf.tokenizer)!r})")
+        return 0
     dst = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, max_shard_bytes=shard,
                   progress=not args.quiet)
     print(f"wrote {dst}")
@@ -88,8 +121,17 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from .checkpoint.converted import is_converted, read_index, verify
     from .checkpoint.manifest import NoManifestError, find_manifest, verify_release
+    from .checkpoint.hf import HFFolder, is_hf
     from .checkpoint.release import is_release, iter_release
 
+    if is_hf(args.path):  # before is_converted: a sharded HF folder has a model.safetensors.index.json too
+        hf = HFFolder(args.path)
+        print(f"OK: {hf.cfg.family} config read; {len(hf.headers)} shard(s) present with valid headers that match "
+              f"the index")
+        print(f"OK: all {len(hf.want)} tensors the config implies are present, with the expected shapes and dtypes, "
+              f"and no other")
+        print("note: a Hugging Face folder records no hashes; values were not checked")
+        return 0
     if is_converted(args.path):
         ok = verify(args.path)
         wm = read_index(args.path)["weight_map"]
@@ -152,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="config JSON (file or string) when the checkpoint does not record one")
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("convert", help="release checkpoint -> safetensors shards + index + config")
+    s = sub.add_parser("convert", help="release checkpoint or Hugging Face folder -> safetensors shards + index + "
+                       "config")
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--config", help="config JSON (file or string); default: Grok-1 when the shapes match")

@@ -65,11 +65,11 @@ _HOOKS = [
     Hook("blocks.attn.k", _B + ("kv_head", "head_dim"), "float32", "heavy", "keys after RoPE"),
     Hook("blocks.attn.v", _B + ("kv_head", "head_dim"), "float32", "heavy", "values"),
     Hook("blocks.attn.logits", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
-         "q.k times the logit multiplier, before the 30*tanh soft-cap"),
+         "q.k times the logit multiplier, before the soft-cap (Grok: 30*tanh; none in the HF families)"),
     Hook("blocks.attn.scores", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
          "soft-capped attention logits, before masking"),
     Hook("blocks.attn.pattern", ("layer", "batch", "head", "seq", "kv_seq"), "float32", "heavy",
-         "attention probabilities (softmax over keys, fp32)"),
+         "attention probabilities (softmax over keys, fp32; with sinks, gpt-oss, the sink's weight is dropped)"),
     Hook("blocks.attn.entropy", ("layer", "batch", "head", "seq"), "float32", "cheap",
          "entropy (nats) of each query's attention distribution; a reduced summary of the pattern"),
     Hook("blocks.attn.pattern_at", ("layer", "batch", "head", "query", "kv_seq"), "float32", "cheap",
@@ -82,21 +82,36 @@ _HOOKS = [
          "per-head attention output (pattern @ v) before the output projection"),
     Hook("blocks.attn.out", _B + ("d_model",), "float32", "cheap", "attention output projection, before the post-norm"),
     Hook("blocks.attn.post_norm", _B + ("d_model",), "float32", "cheap",
-         "the attention write into the residual stream"),
+         "the attention write into the residual stream (Grok: post-norm; pre-norm families: attn.out times the "
+         "residual multiplier)"),
     Hook("blocks.resid_mid", _B + ("d_model",), "float32", "cheap", "residual stream after attention"),
     Hook("blocks.moe.pre_norm", _B + ("d_model",), "float32", "cheap",
-         "router and expert input, rms_norm_2(resid_mid)"),
-    Hook("blocks.moe.router_logits", _B + ("expert",), "float32", "cheap", "router logits x @ W_router (fp32)"),
-    Hook("blocks.moe.router_probs", _B + ("expert",), "float32", "cheap", "softmax over all experts (fp32)"),
-    Hook("blocks.moe.top_k_experts", _B + ("k",), "int32", "cheap", "selected experts, descending probability"),
+         "router and expert (or dense MLP) input, rms_norm(resid_mid)"),
+    Hook("blocks.moe.router_logits", _B + ("expert",), "float32", "cheap",
+         "raw router logits x @ W_router (+ the router bias where the family has one: gpt-oss), fp32; never "
+         "probabilities"),
+    Hook("blocks.moe.router_probs", _B + ("expert",), "float32", "cheap",
+         "softmax of the router logits over all experts (fp32): the family's full routing distribution (for "
+         "top-k-then-softmax families, Granite and gpt-oss, its top-k renormalised equals the gates)"),
+    Hook("blocks.moe.top_k_experts", _B + ("k",), "int32", "cheap",
+         "selected experts, in descending router score"),
     Hook("blocks.moe.top_k_weights", _B + ("k",), "float32", "cheap",
-         "gate values of the selected experts, not renormalised (Grok-1 semantics)"),
+         "the gates actually applied to the selected experts: Grok-1, OLMoE, Qwen1.5-MoE: router probabilities, "
+         "not renormalised; Mixtral, Qwen3-MoE: renormalised to sum to 1; Granite, gpt-oss: softmax over the k "
+         "selected logits"),
     Hook("blocks.moe.expert_load", ("layer", "expert"), "int32", "cheap",
          "tokens routed to each expert (all k slots), padding excluded"),
     Hook("blocks.moe.expert_out", _B + ("k", "d_model"), "float32", "heavy", "per-slot expert outputs before gating"),
+    Hook("blocks.moe.shared_out", _B + ("d_model",), "float32", "heavy",
+         "the shared expert's output before its sigmoid gate (Qwen1.5-MoE; absent in other families)"),
+    Hook("blocks.moe.shared_gate", _B, "float32", "cheap",
+         "sigmoid(x . w_shared_gate): the shared expert's gate per token (Qwen1.5-MoE)"),
     Hook("blocks.moe.out", _B + ("d_model",), "float32", "cheap",
-         "gate-weighted sum of expert outputs, before the post-norm"),
-    Hook("blocks.moe.post_norm", _B + ("d_model",), "float32", "cheap", "the MoE write into the residual stream"),
+         "gate-weighted sum of expert outputs (+ the gated shared expert), before the post-norm; at a dense-MLP "
+         "layer, the MLP's output"),
+    Hook("blocks.moe.post_norm", _B + ("d_model",), "float32", "cheap",
+         "the MoE (or dense MLP) write into the residual stream: post-norm for Grok, the output itself (times the "
+         "residual multiplier, Granite) for pre-norm families"),
     Hook("blocks.resid_post", _B + ("d_model",), "float32", "cheap", "residual stream leaving the block"),
     Hook("final_norm.out", ("batch", "seq", "d_model"), "float32", "cheap",
          "final rms_norm output, before unembedding"),
@@ -133,6 +148,7 @@ class AttentionSpec:
             raise ValueError("AttentionSpec.top_keys must be >= 1")
 
 
+#: hooks recorded only at MoE layers (see grokviz.model.transformer: stacked over the MoE layers)
 ROUTING_HOOKS = ("blocks.moe.router_logits", "blocks.moe.router_probs", "blocks.moe.top_k_experts",
                  "blocks.moe.top_k_weights", "blocks.moe.expert_load")
 

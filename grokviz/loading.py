@@ -7,10 +7,12 @@
     model = gv.load("/data/grok-1-converted", verify=True)              # converted: config from config.json
     model = gv.load(path, mesh=gv.sharding.make_mesh((1, 8)))           # placed sharded as it is read
     model = gv.load("tiny")                                             # the small bundled model
+    model = gv.load("/data/OLMoE-1B-7B-0924")                           # a Hugging Face folder (six MoE families)
 
 ``quantized=True`` (default) keeps the release's int8 weights as :class:`~grokviz.params.Int8Weight` (dequantised
 inside each matmul); ``quantized=False`` dequantises them exactly (fp32) and casts to ``dtype``. Plain tensors
-(embeddings, norms, router) are cast to ``dtype``.
+(embeddings, norms, router) are cast to ``dtype`` (default float32). A Hugging Face folder keeps its stored dtype
+(bf16 stays bf16) unless ``dtype`` is given; see :mod:`grokviz.checkpoint.hf`.
 """
 
 from __future__ import annotations
@@ -24,19 +26,26 @@ from .checkpoint.config_io import as_config, resolve_release_config
 
 
 def _tokenizer(tokenizer, found):
+    from .hf_tokenizer import HFTokenizer
     from .tokenizer import Tokenizer
 
     if tokenizer is False:
         return None
     if tokenizer is None:
-        return Tokenizer(found) if found is not None else None
-    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        tokenizer = found
+        if tokenizer is None:
+            return None
+    if isinstance(tokenizer, (Tokenizer, HFTokenizer)):
+        return tokenizer
+    return HFTokenizer(tokenizer) if str(tokenizer).endswith(".json") else Tokenizer(tokenizer)
 
 
-def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=jnp.float32, quantized: bool = True,
+def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=None, quantized: bool = True,
          progress: bool = True, tokenizer=None) -> Model:
-    """Load a model (see the module docstring). ``tokenizer``: a path or Tokenizer; default: a ``tokenizer.model``
-    found next to the checkpoint; ``False`` for none. ``verify``: check file hashes first (converted format:
+    """Load a model (see the module docstring). ``tokenizer``: a path (``*.json``: a Hugging Face tokenizer) or a
+    tokenizer; default: a ``tokenizer.model`` (Hugging Face folder: ``tokenizer.json``) found next to the
+    checkpoint; ``False`` for none. A Hugging Face folder is checked as :func:`grokviz.checkpoint.hf.check_tensors`
+    says whether or not ``verify`` is set (it records no hashes). ``verify``: check file hashes first (converted format:
     against the index, which must cover every file; release format: against a ``MANIFEST.sha256`` next to
     ``ckpt-0/``, as ``grokviz manifest PATH --write`` records it; without one, verification fails).
 
@@ -55,14 +64,21 @@ def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=jn
 
     path = Path(path_or_name)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint (give a release directory, a converted directory or "
-                                f"'tiny')")
+        raise FileNotFoundError(f"{path}: no such checkpoint (give a release directory, a converted directory, a "
+                                f"Hugging Face folder or 'tiny')")
+    from .checkpoint import hf
+
+    if hf.is_hf(path):  # before is_converted: a sharded HF folder has a model.safetensors.index.json too
+        cfg, params, found = hf.load_hf(path, config=None if config is None else as_config(config), dtype=dtype,
+                                        mesh=mesh, progress=progress)
+        return Model(cfg, params, _tokenizer(tokenizer, found))
+    dtype = jnp.float32 if dtype is None else dtype
     if cv.is_converted(path):
         if verify:
             cv.verify(path)
         cfg = cv.read_config(path) if config is None else as_config(config)
         stream = cv.iter_converted(path, progress=progress, with_source=True)
-        found = path / cv.TOKENIZER if (path / cv.TOKENIZER).is_file() else None
+        found = next((path / t for t in (cv.TOKENIZER, hf.TOKENIZER) if (path / t).is_file()), None)
     elif rl.is_release(path):
         cfg = resolve_release_config(path, config)
         if verify:
@@ -70,8 +86,9 @@ def load(path_or_name, *, config=None, mesh=None, verify: bool = False, dtype=jn
         stream = ((e.name, e.layer, v, str(e.file)) for e, v in rl.iter_release(path, cfg, progress=progress))
         found = cv.find_sibling_tokenizer(rl.release_dir(path))
     else:
-        raise ValueError(f"{path}: neither a converted grokviz checkpoint ({cv.INDEX}) nor a release checkpoint "
-                         f"(ckpt-0/tensor00000_000 ...)")
+        raise ValueError(f"{path}: neither a converted grokviz checkpoint ({cv.INDEX}), a Hugging Face folder "
+                         f"(config.json with a model_type + model.safetensors or its index) nor a release "
+                         f"checkpoint (ckpt-0/tensor00000_000 ...)")
     asm = ParamAssembler(cfg, dtype=dtype, quantized=quantized, mesh=mesh)
     for name, layer, value, where in stream:
         asm.put(name, layer, value, where=where)

@@ -30,9 +30,9 @@ def test_sparse_equals_dense_equals_oracle(n_exp, k, b, t):
     params = gv.init_params(cfg, jax.random.key(1))
     p = jax.tree_util.tree_map(lambda a: a[0], params["blocks"])
     x = jax.random.normal(jax.random.key(2), (b, t, cfg.d_model))
-    _, experts = route(x, p["router"], cfg, Point(prefix="blocks."))
-    dense = np.asarray(experts_dense(p, x, experts))
-    sparse = np.asarray(experts_sparse(p, x, experts))
+    _, experts = route(x, p, cfg, Point(prefix="blocks."))
+    dense = np.asarray(experts_dense(p, x, experts, cfg))
+    sparse = np.asarray(experts_sparse(p, x, experts, cfg))
     oracle = loop_oracle(p, x, np.asarray(experts))
     np.testing.assert_allclose(dense, oracle, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(sparse, dense, atol=2e-5, rtol=1e-5)
@@ -43,7 +43,7 @@ def test_sparse_handles_all_tokens_on_one_expert():
     p = jax.tree_util.tree_map(lambda a: a[0], gv.init_params(cfg, jax.random.key(3))["blocks"])
     x = jax.random.normal(jax.random.key(4), (2, 9, cfg.d_model))
     experts = jnp.stack([jnp.full((2, 9), 5), jnp.full((2, 9), 0)], axis=-1).astype(jnp.int32)
-    np.testing.assert_allclose(experts_sparse(p, x, experts, block=8), experts_dense(p, x, experts), atol=2e-5)
+    np.testing.assert_allclose(experts_sparse(p, x, experts, cfg, block=8), experts_dense(p, x, experts, cfg), atol=2e-5)
 
 
 def test_route_is_grok_semantics():
@@ -51,7 +51,7 @@ def test_route_is_grok_semantics():
     w = jax.random.normal(jax.random.key(5), (cfg.d_model, cfg.num_experts))
     x = jax.random.normal(jax.random.key(6), (1, 4, cfg.d_model))
     point = Point(frozenset({"blocks.moe.router_probs"}), prefix="blocks.")
-    gates, experts = route(x, w, cfg, point)
+    gates, experts = route(x, {"router": w}, cfg, point)
     probs = np.asarray(point.values["blocks.moe.router_probs"])
     np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(experts), np.argsort(-probs, -1, kind="stable")[..., :2])

@@ -1,10 +1,11 @@
-"""The pure-JAX Grok-1 forward pass: ``forward = unembed(run_blocks(embed(tokens)))``."""
+"""The pure-JAX forward pass of every family: ``forward = unembed(run_blocks(embed(tokens)))``."""
 
 from .attention import attention, attention_mask
 from .block import block
 from .layers import gelu_tanh, rms_norm, rope, softcap
 from .moe import combine, experts_dense, experts_sparse, route
+from .kvcache import KVCache
 from .transformer import Blocks, Output, embed, forward, run_blocks, unembed
 
-__all__ = ["Blocks", "Output", "attention", "attention_mask", "block", "combine", "embed", "experts_dense",
+__all__ = ["Blocks", "KVCache", "Output", "attention", "attention_mask", "block", "combine", "embed", "experts_dense",
            "experts_sparse", "forward", "gelu_tanh", "rms_norm", "rope", "route", "run_blocks", "softcap", "unembed"]

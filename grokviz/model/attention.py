@@ -1,4 +1,5 @@
-"""Grouped-query attention with RoPE, logit multiplier, 30*tanh soft cap and -1e30 masking (docs/grok1.md#attention)."""
+"""Grouped-query attention with RoPE, logit multiplier, optional soft cap, sinks and sliding windows, -1e30 masking
+(docs/grok1.md#attention; the other families' options in docs/families.md), with an optional KV cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,30 @@ from einops import rearrange
 from ..config import is_real
 from ..hooks import AttentionSpec
 from ..params import dense
-from .layers import MASK_VALUE, rope, softcap
+from .layers import MASK_VALUE, rms_norm, rope, softcap
+
+
+def positions_of(tokens, cfg, start=None):
+    """int32 [batch, seq] RoPE positions of ``tokens`` under the config's ``position_rule``.
+
+    ``index`` (Grok-1): the buffer index (plus ``start`` [batch] for a chunk written into a KV cache).
+    ``real_count`` (the HF families): the number of real tokens before the position, so a left-padded row starts
+    at 0 at its first real token (``clip(cumsum(real) - 1, 0)``, as transformers' ``generate`` builds
+    ``position_ids``); with ``start`` the chunk continues from that count."""
+    b, t = tokens.shape
+    if cfg.position_rule == "index":
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return pos if start is None else pos + start[:, None]
+    count = jnp.cumsum(is_real(tokens, cfg.pad_token).astype(jnp.int32), axis=1)
+    if start is not None:
+        count = count + start[:, None]
+    return jnp.maximum(count - 1, 0)
+
+
+def window_allowed(allowed, q_pos, k_pos, window):
+    """``allowed`` [b, 1, t, s] further limited to keys less than ``window`` positions behind the query (a
+    sliding-window layer: transformers keeps key j for query i iff j > i - window)."""
+    return allowed & ((q_pos[:, None, :, None] - k_pos[:, None, None, :]) < window)
 
 
 def attention_mask(tokens, pad_token, length=None):
@@ -30,7 +54,22 @@ def attention_mask(tokens, pad_token, length=None):
     return allowed, fill
 
 
-def _rope_point(point, name, x, positions, base):
+def project_qkv(p, x, cfg):
+    """q [b t h d], k, v [b t kv d] of one layer before RoPE: projections (+ biases), QK norms (over the whole
+    projection, OLMoE; or per head over head_dim, Qwen3)."""
+    dt = x.dtype
+    q, k, v = (x @ dense(p[w], dt) for w in ("w_q", "w_k", "w_v"))
+    if cfg.qkv_bias:
+        q, k, v = q + p["b_q"].astype(dt), k + p["b_k"].astype(dt), v + p["b_v"].astype(dt)
+    if cfg.qk_norm == "projection":
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_eps), rms_norm(k, p["k_norm"], cfg.rms_eps)
+    q, k, v = (rearrange(a, "b t (h d) -> b t h d", d=cfg.head_dim) for a in (q, k, v))
+    if cfg.qk_norm == "head":
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_eps), rms_norm(k, p["k_norm"], cfg.rms_eps)
+    return q, k, v
+
+
+def _rope_point(point, name, x, positions, cfg):
     """RoPE, with the captured copy computed on a separate branch.
 
     XLA fuses RoPE into the logits einsum; storing the same value as a capture changes that fusion and moved
@@ -39,10 +78,10 @@ def _rope_point(point, name, x, positions, base):
     A patch or callback on this hook replaces the value on the main path.
     """
     if point.patched(name):
-        return point(name, rope(x, positions, base))
+        return point(name, rope(x, positions, cfg.rope_base, cfg))
     if point.wants(name):
-        point(name, rope(jax.lax.optimization_barrier(x), positions, base))
-    return rope(x, positions, base)
+        point(name, rope(jax.lax.optimization_barrier(x), positions, cfg.rope_base, cfg))
+    return rope(x, positions, cfg.rope_base, cfg)
 
 
 def _row_summaries(flat, want, top_keys) -> dict:
@@ -75,32 +114,47 @@ def _logits(qg, k, cfg):
     return jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
 
 
-def _masked_softmax(scores, allowed, fill):
-    """Softmax over keys of the soft-capped scores [b kv g t s], masked keys set to ``fill``."""
-    return jax.nn.softmax(jnp.where(allowed[:, :, None], scores, fill), axis=-1)
+def _masked_softmax(scores, allowed, fill, sinks=None):
+    """Softmax over keys of the soft-capped scores [b kv g t s], masked keys set to ``fill``.
+
+    ``sinks`` [kv, g] (gpt-oss): one extra logit per query head joins the normalisation and its weight is
+    dropped, so the weights of a row sum to less than 1 (to 0 when every key is masked)."""
+    masked = jnp.where(allowed[:, :, None], scores, fill)
+    if sinks is None:
+        return jax.nn.softmax(masked, axis=-1)
+    sink = sinks.astype(jnp.float32)[None, :, :, None, None]
+    top = jnp.maximum(jnp.max(masked, axis=-1, keepdims=True), sink)
+    e = jnp.exp(masked - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
 
-def _probs(qg, k, allowed, fill, cfg):
+def _scores(logits, cfg):
+    return logits if cfg.attn_softcap is None else softcap(logits, cfg.attn_softcap)
+
+
+def _sinks(p, cfg):
+    return rearrange(p["sinks"], "(kv g) -> kv g", g=cfg.group_size) if cfg.attn_sinks else None
+
+
+def _probs(qg, k, allowed, fill, cfg, sinks=None):
     """Scaled, soft-capped, masked, softmaxed attention for queries qg [b kv g t d] and keys k [b s kv d]."""
     logits = _logits(qg, k, cfg)
-    scores = softcap(logits, cfg.attn_softcap)
-    return logits, scores, _masked_softmax(scores, allowed, fill)
+    scores = _scores(logits, cfg)
+    return logits, scores, _masked_softmax(scores, allowed, fill, sinks)
 
 
-def attention_maps(p, x, mask, cfg) -> dict:
+def attention_maps(p, x, mask, cfg, positions) -> dict:
     """The full attention maps of one layer from its input x = attn.pre_norm: {'logits', 'scores', 'pattern'},
     each [batch, head, seq, kv_seq] — the same computation as inside :func:`attention` (used to give maps of
-    selected layers without keeping maps for every layer)."""
-    dt = x.dtype
-    positions = jnp.arange(x.shape[1])
-    q = rope(rearrange(x @ dense(p["w_q"], dt), "b t (h d) -> b t h d", d=cfg.head_dim), positions, cfg.rope_base)
-    k = rope(rearrange(x @ dense(p["w_k"], dt), "b t (h d) -> b t h d", d=cfg.head_dim), positions, cfg.rope_base)
+    selected layers without keeping maps for every layer). ``mask``: this layer's (allowed, fill)."""
+    q, k, _ = project_qkv(p, x, cfg)
+    q, k = rope(q, positions, cfg.rope_base, cfg), rope(k, positions, cfg.rope_base, cfg)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
-    out = _probs(qg, k, *mask, cfg)
+    out = _probs(qg, k, *mask, cfg, _sinks(p, cfg))
     return {n: rearrange(a, "b kv g t s -> b (kv g) t s") for n, a in zip(("logits", "scores", "pattern"), out)}
 
 
-def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
+def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt, sinks=None):
     """Causal attention in query chunks: chunk i only reads keys [0, end_i), so memory is ~ chunk x seq and the
     score work about halves. Rows with no allowed key (left padding) are uniform over all valid keys in the
     reference; they are set to exactly that (mean of v over the valid keys). Reduced summaries per chunk.
@@ -115,12 +169,15 @@ def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
     n_valid = jnp.sum(fill == MASK_VALUE).astype(jnp.float32)  # keys that are not bucket padding
     empty = ~jnp.any(allowed[:, 0], axis=-1)                      # [b, t]: query with no allowed key
     v_mean = jnp.sum(jnp.where((fill == MASK_VALUE)[None, :, None, None], v, 0), axis=1) / n_valid.astype(dt)
+    if sinks is not None:  # a row with no allowed key gives weight 0 everywhere, in a chunk as in the full map
+        empty = jnp.zeros_like(empty)
     want = {n for n in REDUCED if point.wants(n)}
     full = point.wants("attn.pattern")
     outs, sums, pats = [], [], []
     for start in range(0, t, CHUNK):
         end = min(start + CHUNK, t)
-        _, _, pat = _probs(qg[:, :, :, start:end], k[:, :end], allowed[:, :, start:end, :end], fill[:end], cfg)
+        _, _, pat = _probs(qg[:, :, :, start:end], k[:, :end], allowed[:, :, start:end, :end], fill[:end], cfg,
+                           sinks)
         outs.append(jnp.einsum("bhgts,bshd->bthgd", pat.astype(dt), v[:, :end]))
         sums.append(_row_summaries(rearrange(pat, "b kv g t s -> b (kv g) t s"), want, spec.top_keys))
         if full:
@@ -142,7 +199,7 @@ def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt):
         point(name, value)
     if "attn.pattern_at" in want:  # only the chosen query rows, over all keys
         rows = jnp.asarray(spec.queries)
-        _, _, pat = _probs(qg[:, :, :, rows], k, allowed[:, :, rows], fill, cfg)
+        _, _, pat = _probs(qg[:, :, :, rows], k, allowed[:, :, rows], fill, cfg, sinks)
         point("attn.pattern_at", rearrange(pat, "b kv g t s -> b (kv g) t s"))
     return o
 
@@ -154,30 +211,49 @@ def use_chunked(point, t) -> bool:
         point.wants(n) for n in MAPS if n != "attn.pattern")
 
 
-def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
-    """x: [batch, seq, d_model] (already pre-normed) -> [batch, seq, d_model]; ``point`` names activations."""
+def write_cache(cache, new, step):
+    """Write ``new`` [b, t, ...] into ``cache`` [b, S, ...] at index ``step[b]`` of each row."""
+    def one(c, x, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0)
+
+    return jax.vmap(one)(cache, new, step)
+
+
+def attention(p, x, mask, cfg, point, head_scale=None, spec=None, positions=None, kv=None):
+    """x: [batch, seq, d_model] (already pre-normed) -> [batch, seq, d_model]; ``point`` names activations.
+
+    ``mask``: this layer's (allowed [b, 1, seq, kv_seq], fill); ``positions`` [b, seq]: RoPE positions (default
+    0..seq-1). ``kv``: None, or this layer's cache (k, v [b, S, kv_head, head_dim], step [b]): the chunk's keys
+    (after RoPE) and values are written at ``step`` and the queries attend over the whole buffer (``mask`` is
+    then [b, 1, seq, S]); the result is (out, (k, v)) with the updated buffers.
+    """
     dt = x.dtype
     t = x.shape[1]
     spec = spec or AttentionSpec()
-    positions = jnp.arange(t)
-    q = rearrange(x @ dense(p["w_q"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
-    k = rearrange(x @ dense(p["w_k"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
-    v = rearrange(x @ dense(p["w_v"], dt), "b t (h d) -> b t h d", d=cfg.head_dim)
-    q = _rope_point(point, "attn.q", q, positions, cfg.rope_base)
-    k = _rope_point(point, "attn.k", k, positions, cfg.rope_base)
+    if positions is None:
+        positions = jnp.arange(t)
+    q, k, v = project_qkv(p, x, cfg)
+    q = _rope_point(point, "attn.q", q, positions, cfg)
+    k = _rope_point(point, "attn.k", k, positions, cfg)
     v = point("attn.v", v)
+    if kv is not None:
+        k_cache, v_cache, step = kv
+        k_cache, v_cache = write_cache(k_cache, k, step), write_cache(v_cache, v, step)
+        k, v = k_cache.astype(dt), v_cache.astype(dt)
+    sinks = _sinks(p, cfg)
     # query head j = kv_head * G + g uses kv head j // G (contiguous groups)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
-    if use_chunked(point, t) and spec.top_keys <= CHUNK:
-        o = _attend_chunked(qg, k, v, mask, cfg, point, spec, dt)
+    if kv is None and use_chunked(point, t) and spec.top_keys <= CHUNK:
+        o = _attend_chunked(qg, k, v, mask, cfg, point, spec, dt, sinks)
     else:
         if point.patched("attn.logits") or point.patched("attn.scores"):
             # a patch (or callback) replaces logits or scores: the softmax starts from the replaced values
             logits = point("attn.logits", rearrange(_logits(qg, k, cfg), "b kv g t s -> b (kv g) t s"))
-            scores = point("attn.scores", softcap(logits, cfg.attn_softcap))
-            pattern = _masked_softmax(rearrange(scores, "b (kv g) t s -> b kv g t s", g=cfg.group_size), *mask)
+            scores = point("attn.scores", _scores(logits, cfg))
+            pattern = _masked_softmax(rearrange(scores, "b (kv g) t s -> b kv g t s", g=cfg.group_size), *mask,
+                                      sinks)
         else:
-            logits, scores, pattern = _probs(qg, k, *mask, cfg)
+            logits, scores, pattern = _probs(qg, k, *mask, cfg, sinks)
             if point.wants("attn.logits"):
                 point("attn.logits", rearrange(logits, "b kv g t s -> b (kv g) t s"))
             if point.wants("attn.scores"):
@@ -193,4 +269,7 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None):
     if head_scale is not None:
         o = o * head_scale[:, None].astype(dt)
     o = point("attn.head_out", o)
-    return rearrange(o, "b t h d -> b t (h d)") @ dense(p["w_o"], dt)
+    out = rearrange(o, "b t h d -> b t (h d)") @ dense(p["w_o"], dt)
+    if cfg.o_bias:
+        out = out + p["b_o"].astype(dt)
+    return out if kv is None else (out, (k_cache, v_cache))

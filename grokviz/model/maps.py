@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..hooks import ATTENTION_MAPS, REGISTRY, AttentionSpec
+from ..params import DENSE_LEAVES, MOE_LEAVES
 from .attention import attention_maps
 
 # hooks that, when patched or given a callback, stop the maps from being recomputed after the scan
@@ -72,12 +73,14 @@ class MapBuffers:
     slot_of_layer: np.ndarray  # [num_layers] int32: buffer slot of each layer (the spare slot for others)
 
     @classmethod
-    def plan(cls, capture, spec, cfg, patches, callbacks, layers=None) -> MapBuffers | None:
+    def plan(cls, capture, spec, cfg, patches, callbacks, layers=None, recompute_ok=True) -> MapBuffers | None:
+        """``recompute_ok=False`` (a run with a KV cache, whose keys are not recomputable from the layer input)
+        writes the maps from inside the scan."""
         kept = kept_layers(capture, spec, cfg, layers)
         if not kept:
             return None
         sel = next(iter(kept.values()))
-        recompute = not any(n in patches or n in callbacks for n in _INTERFERING)
+        recompute = recompute_ok and not any(n in patches or n in callbacks for n in _INTERFERING)
         buffered = ("blocks.attn.pre_norm",) if recompute else tuple(kept)
         slot = np.full(cfg.num_layers, len(sel), np.int32)
         slot[list(sel)] = np.arange(len(sel), dtype=np.int32)
@@ -91,9 +94,12 @@ class MapBuffers:
         """What the scanned block must capture: with recomputation, attn.pre_norm instead of the kept maps."""
         return (frozenset(capture) - set(self.kept)) | {"blocks.attn.pre_norm"} if self.recompute else capture
 
-    def allocate(self, cfg, batch, seq, spec) -> dict:
-        """Zeroed buffers {name: [selected layers + 1, ...]} with the hook's registered dtype."""
+    def allocate(self, cfg, batch, seq, spec, kv_seq=None) -> dict:
+        """Zeroed buffers {name: [selected layers + 1, ...]} with the hook's registered dtype (``kv_seq``: the key
+        axis when it differs from ``seq``, as with a KV cache)."""
         sizes = axis_sizes(cfg, batch, seq, spec)
+        if kv_seq is not None:
+            sizes["kv_seq"] = kv_seq
         out = {}
         for name in self.buffered:
             hook = REGISTRY[name]
@@ -113,12 +119,17 @@ class MapBuffers:
             new[name] = jax.lax.dynamic_update_index_in_dim(buf, value, jnp.asarray(self.slot_of_layer)[layer], 0)
         return new
 
-    def finish(self, bufs, stacked, params, mask, cfg, spec) -> dict:
-        """After the scan: the kept maps, stacked over the selected layers, added to ``stacked``."""
+    def finish(self, bufs, stacked, params, masks, cfg, spec) -> dict:
+        """After the scan: the kept maps, stacked over the selected layers, added to ``stacked``. ``masks``: the
+        run's :class:`grokviz.model.transformer.Masks`."""
         if self.recompute:
             inputs = bufs["blocks.attn.pre_norm"]
-            maps = [attention_maps(jax.tree_util.tree_map(lambda a, l=l: a[l], params["blocks"]), inputs[i], mask,
-                                   cfg) for i, l in enumerate(self.layers)]
+            attn = {n: v for n, v in params["blocks"].items() if n not in MOE_LEAVES and n not in DENSE_LEAVES}
+            maps = []
+            for i, l in enumerate(self.layers):
+                mask = masks.window if cfg.layer_is_sliding[l] else masks.full
+                maps.append(attention_maps(jax.tree_util.tree_map(lambda a, l=l: a[l], attn), inputs[i], mask, cfg,
+                                           masks.positions))
             for name in self.kept:
                 stacked[name] = jnp.stack([select_heads(name, m[name.rsplit(".", 1)[1]], spec) for m in maps])
         else:

@@ -1,5 +1,5 @@
-"""Mixture of experts: ``route`` (router logits -> probs -> top-k, no renormalisation) kept apart from two
-expert implementations with the same contract:
+"""Mixture of experts: ``route`` (router logits -> probs -> top-k -> gates, by the config's scoring rule) kept
+apart from two expert implementations with the same contract:
 
 * ``experts_dense``: every expert on every token, then select — the reference's way, obviously correct;
 * ``experts_sparse``: only the selected (token, slot) pairs are computed: up to a capacity per expert in one
@@ -15,56 +15,95 @@ import jax
 import jax.numpy as jnp
 
 from ..params import dense
-from .layers import gelu_tanh
+from .layers import gated_ffn
 
 
-def route(x, w_router, cfg, point, iv=None):
-    """Router in fp32 (docs/grok1.md#moe). Returns (gates [b,t,k], experts [b,t,k] int32).
+def _renormalise(gates):
+    total = jnp.sum(gates, axis=-1, keepdims=True)
+    return jnp.where(total > 0, gates / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def route(x, p, cfg, point, iv=None):
+    """Router in fp32 (docs/grok1.md#moe, docs/families.md#routers). Returns (gates [b,t,k], experts [b,t,k]).
+
+    ``p``: the layer's params (``router`` [d, e], ``router_b`` [e] when the family has a router bias). Logits
+    ``x @ router (+ router_b)`` (hook ``router_logits``); ``router_probs`` is the softmax over all experts. Then
+    by ``cfg.router_rule``:
+
+    * ``softmax_topk`` (Grok, Mixtral, OLMoE, Qwen): the k most probable experts; gates = their probabilities,
+      rescaled to sum to 1 when ``cfg.router_renormalize`` (Mixtral, Qwen3; Grok, OLMoE and Qwen1.5-MoE do not);
+    * ``topk_softmax`` (Granite, gpt-oss): the k largest logits; gates = softmax over those k logits (equal to
+      the renormalised probabilities up to rounding).
 
     With interventions ``iv`` (one layer's slice): logits get ``+ router_bias`` then ``/ router_temperature``;
-    experts marked in ``expert_remove`` are skipped by top-k (tokens take their next choice; the gates stay the
-    router probabilities; a removed expert that is still picked, because more than E - k are removed or forced
-    routing names it, gets gate 0); ``renormalize`` rescales the k gates to sum to 1 (Mixtral-style).
+    experts marked in ``expert_remove`` are skipped by top-k (tokens take their next choice; the gates are then
+    formed by the family's rule over the experts actually selected, so a renormalising family renormalises over
+    the survivors, and Grok keeps the router probabilities). A removed expert that is still picked (more than
+    E - k removed, or forced routing names it) gets gate 0. ``renormalize`` rescales the k gates to sum to 1.
     """
-    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), dense(w_router, jnp.float32))
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), dense(p["router"], jnp.float32))
+    if cfg.router_bias:
+        logits = logits + p["router_b"].astype(jnp.float32)
     if iv is not None:
         logits = (logits + iv["router_bias"]) / iv["router_temperature"]
     logits = point("moe.router_logits", logits)
     probs = point("moe.router_probs", jax.nn.softmax(logits, axis=-1))
+    score = probs if cfg.router_rule == "softmax_topk" else logits
     if iv is None:
-        gates, experts = jax.lax.top_k(probs, cfg.top_k)
+        top, experts = jax.lax.top_k(score, cfg.top_k)
     else:
-        selectable = jnp.where(iv["expert_remove"], -1.0, probs)
-        _, experts = jax.lax.top_k(selectable, cfg.top_k)
+        _, experts = jax.lax.top_k(jnp.where(iv["expert_remove"], -jnp.inf, score), cfg.top_k)
     experts = experts.astype(jnp.int32)
     if point.patched("moe.top_k_experts"):
         experts = point("moe.top_k_experts", experts)
     else:
         point("moe.top_k_experts", experts)
     if iv is not None or point.patched("moe.top_k_experts"):
-        gates = jnp.take_along_axis(probs, experts, axis=-1)
+        top = jnp.take_along_axis(score, experts, axis=-1)
+    # a removed expert never contributes, even where it is still picked: when more than E - k are removed
+    # (Model.run refuses that; a direct forward call does not), or when forced routing names it
+    removed = None if iv is None else jnp.take(iv["expert_remove"], experts)
+    if cfg.router_rule == "softmax_topk":
+        gates = top if removed is None else jnp.where(removed, 0.0, top)
+        if cfg.router_renormalize:
+            gates = _renormalise(gates)
+    else:  # softmax over the k picked logits; all picks removed gives 0, not NaN
+        if removed is not None:
+            top = jnp.where(removed, -jnp.inf, top)
+        m = jnp.max(top, axis=-1, keepdims=True)
+        e = jnp.where(jnp.isneginf(top), 0.0, jnp.exp(top - jnp.where(jnp.isneginf(m), 0.0, m)))
+        gates = _renormalise(e)
     if iv is not None:
-        # a removed expert never contributes, even where it is still picked: when more than E - k experts are
-        # removed (Model.run refuses that; a direct forward call does not), or when forced routing names it
-        gates = jnp.where(jnp.take(iv["expert_remove"], experts), 0.0, gates)
-        total = jnp.sum(gates, axis=-1, keepdims=True)
-        renorm = jnp.where(total > 0, gates / jnp.where(total > 0, total, 1.0), 0.0)
-        gates = jnp.where(iv["renormalize"], renorm, gates)
+        gates = jnp.where(iv["renormalize"], _renormalise(gates), gates)
     gates = point("moe.top_k_weights", gates)
     return gates, experts
 
 
-def _ffn(x, w_gate, w_up, w_down):
-    """(gelu(x @ w_gate) * (x @ w_up)) @ w_down with a leading expert/block batch axis."""
-    h = gelu_tanh(jnp.einsum("n...d,ndf->n...f", x, w_gate)) * jnp.einsum("n...d,ndf->n...f", x, w_up)
-    return jnp.einsum("n...f,nfd->n...d", h, w_down)
+def _ffn(x, w_gate, w_up, w_down, cfg, biases=None):
+    """act(x @ w_gate, x @ w_up) @ w_down (:func:`grokviz.model.layers.gated_ffn`) with a leading expert/block
+    batch axis; ``biases`` (b_gate, b_up, b_down) each with that leading axis (gpt-oss)."""
+    g, u = jnp.einsum("n...d,ndf->n...f", x, w_gate), jnp.einsum("n...d,ndf->n...f", x, w_up)
+    if biases is not None:
+        g, u = g + _expand(biases[0], g), u + _expand(biases[1], u)
+    y = jnp.einsum("n...f,nfd->n...d", gated_ffn(g, u, cfg), w_down)
+    return y if biases is None else y + _expand(biases[2], y)
 
 
-def experts_dense(p, x, experts):
+def _expand(b, like):
+    """A per-expert bias [n, f] broadcast against ``like`` [n, ..., f]."""
+    return b.reshape(b.shape[:1] + (1,) * (like.ndim - 2) + b.shape[1:]).astype(like.dtype)
+
+
+def _biases(p, cfg, dt):
+    return tuple(p[n].astype(dt) for n in ("b_gate", "b_up", "b_down")) if cfg.expert_bias else None
+
+
+def experts_dense(p, x, experts, cfg):
     """Every expert on every token (as the reference), then pick each slot's expert. -> [b,t,k,d]."""
     dt = x.dtype
     xs = jnp.broadcast_to(x[None], (p["w_gate"].shape[0],) + x.shape)
-    y_all = _ffn(xs, dense(p["w_gate"], dt), dense(p["w_up"], dt), dense(p["w_down"], dt))  # [e,b,t,d]
+    y_all = _ffn(xs, dense(p["w_gate"], dt), dense(p["w_up"], dt), dense(p["w_down"], dt), cfg,
+                 _biases(p, cfg, dt))  # [e,b,t,d]
     y_all = jnp.moveaxis(y_all, 0, 2)  # [b,t,e,d]
     return jnp.take_along_axis(y_all, experts[..., None], axis=2)
 
@@ -85,7 +124,7 @@ def sparse_block_size(num_slots: int, num_experts: int) -> int:
     return b
 
 
-def experts_sparse(p, x, experts, block: int | None = None):
+def experts_sparse(p, x, experts, cfg, block: int | None = None):
     """Only the selected experts' work, exactly, with static shapes. -> [b,t,k,d].
 
     Each slot's rank among the slots of its expert comes from a cumulative count (no sort). Slots of rank
@@ -114,11 +153,12 @@ def experts_sparse(p, x, experts, block: int | None = None):
     in_cap = rank < cap
     x_flat = jnp.concatenate([x.reshape(n_tok, d), jnp.zeros((1, d), dt)])  # row n_tok: zeros for padding
     w_gate, w_up, w_down = (dense(p[n], dt) for n in ("w_gate", "w_up", "w_down"))
+    biases = _biases(p, cfg, dt)
 
     # main pass: [expert, C] rows, one batched matmul per projection
     main_row = jnp.where(in_cap, flat_e * cap + rank, n_exp * cap)  # overflow slots write a spare row
     rows = jnp.full((n_exp * cap + 1,), n_tok, jnp.int32).at[main_row].set(token)[:-1]
-    y_main = _ffn(x_flat[rows].reshape(n_exp, cap, d), w_gate, w_up, w_down).reshape(n_exp * cap, d)
+    y_main = _ffn(x_flat[rows].reshape(n_exp, cap, d), w_gate, w_up, w_down, cfg, biases).reshape(n_exp * cap, d)
 
     # overflow: each expert's slots of rank >= C, padded to whole blocks; loop over the used blocks only
     over = jnp.maximum(counts - cap, 0)
@@ -135,7 +175,8 @@ def experts_sparse(p, x, experts, block: int | None = None):
         def run(y):
             e = block_expert[i]
             xi = x_flat[jax.lax.dynamic_slice_in_dim(o_rows, i * block, block)]
-            yi = _ffn(xi[None], w_gate[e][None], w_up[e][None], w_down[e][None])[0]
+            bi = None if biases is None else tuple(b[e][None] for b in biases)
+            yi = _ffn(xi[None], w_gate[e][None], w_up[e][None], w_down[e][None], cfg, bi)[0]
             return jax.lax.dynamic_update_slice_in_dim(y, yi, i * block, 0)
 
         return jax.lax.cond(i < n_used, run, lambda y: y, y)
@@ -145,6 +186,24 @@ def experts_sparse(p, x, experts, block: int | None = None):
 
     src = jnp.where(in_cap, main_row, n_exp * cap + over_row)
     return jnp.concatenate([y_main, y_over])[src].reshape(bsz, t, k, d)
+
+
+def shared_expert(p, x, cfg, point):
+    """Qwen2-MoE's shared expert: ``sigmoid(x @ s_router) * mlp(x)`` added to the routed output, for every token.
+    Hooks: ``moe.shared_out`` (the expert's output before its gate) and ``moe.shared_gate`` [b, t]."""
+    dt = x.dtype
+    y = _ffn(x[None], dense(p["s_gate"], dt)[None], dense(p["s_up"], dt)[None], dense(p["s_down"], dt)[None],
+             cfg)[0]
+    y = point("moe.shared_out", y)
+    gate = point("moe.shared_gate", jax.nn.sigmoid(jnp.einsum("btd,d->bt", x, p["s_router"].astype(dt))))
+    return gate[..., None] * y
+
+
+def dense_mlp(p, x, cfg):
+    """The dense MLP of a layer without experts (``mlp_only_layers`` / ``decoder_sparse_step``)."""
+    dt = x.dtype
+    return _ffn(x[None], dense(p["mlp_gate"], dt)[None], dense(p["mlp_up"], dt)[None],
+                dense(p["mlp_down"], dt)[None], cfg)[0]
 
 
 def combine(gates, expert_out, iv_scale=None, experts=None):

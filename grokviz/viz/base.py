@@ -55,6 +55,40 @@ def check_index(name: str, value, n: int, what: str) -> int:
     return int(value)
 
 
+def routing_layers(run: Run, name: str = "blocks.moe.top_k_experts") -> tuple[list[int], int]:
+    """(the layer number of each row of routing capture ``name``, the model's layer count). Routing hooks come
+    from the MoE layers only; the cache says which (``layers_of``), else every layer routes."""
+    n_rows = run.cache.shape(name)[int(run.cache.variants)]
+    kept = run.cache.layers_of(name)
+    if kept is None:
+        kept = getattr(run.cache, "moe_layers", None)
+    if kept is None and getattr(run.cfg, "moe_layers", None) is not None:
+        kept = run.cfg.moe_layers
+    rows = list(range(n_rows)) if kept is None else [int(l) for l in kept]
+    L = int(run.cfg.num_layers)
+    if len(rows) != n_rows or any(not 0 <= l < L for l in rows):
+        raise ValueError(f"{name} has {n_rows} layer row(s) but the cache names layers {rows} of a "
+                         f"{L}-layer model")
+    return rows, L
+
+
+def moe_layer_slider(cls: str, rows: list[int], value: int, width: int = 420) -> W.SelectionSlider:
+    """A slider over the MoE layers' real numbers (dense layers have no routing to show)."""
+    s = W.SelectionSlider(options=[(str(l), l) for l in rows], value=value, description="layer",
+                          continuous_update=False, layout=W.Layout(width=f"{width}px"))
+    s.add_class(cls)
+    return s
+
+
+def check_moe_layer(name: str, value, rows: list[int], num_layers: int) -> int:
+    """``value`` as a MoE layer number; a ValueError naming the argument, the layers and the dense ones."""
+    layer = check_index(name, value, num_layers, f"the model has {num_layers} layers")
+    if layer not in rows:
+        raise ValueError(f"{name}={layer} is a dense MLP layer (no routing); the MoE layers are "
+                         f"{rows if len(rows) <= 12 else rows[:6] + ['...'] + rows[-3:]}")
+    return layer
+
+
 def real_positions(run: Run, row: int) -> np.ndarray:
     """int [n]: the real (non-pad) positions of ``row`` (left or right padding alike); ValueError when the row
     is outside the batch or has no real token."""

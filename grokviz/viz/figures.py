@@ -1,7 +1,11 @@
 """Pure figure builders: numpy data in, ``plotly.graph_objects.Figure`` out. No JAX, no widgets.
 
 Token axes use positions (0..seq-1) with the token strings as tick labels, so repeated tokens stay distinct.
-Every builder sets a title that names what is shown (widgets and browser tests read it back).
+Layer axes carry the model's real layer numbers: when routing data covers the MoE layers only (``layers``, the
+layer number of each routing row, and ``num_layers``), the dense layers get a grey row of their own and a
+"dense" tick. Expert axes are thinned beyond 32 ticks and hover text always names the exact ids. Every builder
+sets a title that names what is shown (widgets and browser tests read it back). The load and flow builders live
+in :mod:`.load_figures` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,37 +16,50 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from .theme import DIVERGING, SEQUENTIAL, UNIFORM_COLOR, apply, axis_title, expert_color, expert_colorscale
+from .load_figures import coactivation_conditional as coactivation_conditional
+from .load_figures import coactivation_heatmap as coactivation_heatmap
+from .load_figures import consecutive_rates as consecutive_rates
+from .load_figures import load_bars as load_bars
+from .load_figures import load_share_heatmap as load_share_heatmap
+from .load_figures import routing_sankey as routing_sankey
+from .scale import (
+    dense_note,
+    expand_layers,
+    finite,
+    id_ticks,
+    layer_axis,
+    layer_ticks,
+    row_height,
+    shade_dense,
+    thin,
+    token_ticks,
+    top_experts,
+)
+from .scale import show_token as show_token
+from .theme import PALETTE_SIZE, SEQUENTIAL, UNIFORM_COLOR, apply, axis_title, expert_color, expert_colorscale
 
-
-def _ticks(labels: Sequence[str], max_ticks: int = 64) -> dict:
-    n = len(labels)
-    step = max(1, int(np.ceil(n / max_ticks)))
-    idx = list(range(0, n, step))
-    return dict(tickmode="array", tickvals=idx, ticktext=[show_token(labels[i]) for i in idx])
-
-
-def finite(a) -> list:
-    """``a`` as nested lists with None where it is NaN or infinite: plotly draws a gap there, and the figure stays
-    strict JSON (a widget message with NaN is refused by Jupyter's serializer)."""
-    a = np.asarray(a, np.float64)
-    return np.where(np.isfinite(a), a, None).tolist()
-
-
-def _expert_ticks(E: int, max_ticks: int = 32) -> list[int]:
-    """Expert tick positions: every expert up to ``max_ticks`` experts, then every n-th (64-128 expert models)."""
-    return list(range(0, E, max(1, int(np.ceil(E / max_ticks)))))
-
-
-def show_token(tok: str) -> str:
-    """A printable form of a token piece (SentencePiece's word marker becomes a visible space)."""
-    return str(tok).replace("\u2581", "\u2423").replace("\n", "\u21b5") or "\u2205"
+__all__ = ["finite", "show_token"]
 
 
 def _expert_heatmap(z, E: int, **kw) -> go.Heatmap:
     return go.Heatmap(z=z, colorscale=expert_colorscale(E), zmin=-0.5, zmax=E - 0.5,
-                      colorbar=dict(title="expert", tickvals=_expert_ticks(E, 16)), **kw)
+                      colorbar=dict(title="expert", tickvals=thin(E, 16)), **kw)
 
+
+def _layer_rows(values, rows, n):
+    """Routing rows as heatmap rows over all ``n`` layers: the array itself when every layer routes (compact
+    payload), otherwise nested lists with None on the dense layers' rows."""
+    values = np.asarray(values)
+    if list(rows) == list(range(n)):
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return finite(values)
+        return values
+    return expand_layers(values, rows, n).tolist()
+
+
+def _cell_text_fits(n_cols: int, E: int, n_rows: int = 1) -> bool:
+    """Whether expert ids printed in every cell stay legible (about a 1000 px column, 9 px per digit)."""
+    return n_cols * len(str(max(E - 1, 0))) <= 96 and row_height(n_rows) >= 16
 
 # --------------------------------------------------------------------------------------------- routing --
 
@@ -50,23 +67,26 @@ def token_expert_strip(tokens: Sequence[str], experts: np.ndarray, gates: np.nda
                        num_experts: int) -> go.Figure:
     """The prompt's tokens coloured by their selected experts at one layer.
 
-    experts, gates: [seq, k] (slot 0 = first choice); gates are Grok's un-renormalised router probabilities.
-    """
+    experts, gates: [seq, k] (slot 0 = first choice); gates as the model applied them. Cells print the token
+    while colours name experts (up to ten experts), the expert id beyond that (colours then only hint at it)."""
     experts, gates = np.asarray(experts), np.asarray(gates, np.float64)
     seq, k = experts.shape
-    text = np.array([[show_token(t) for t in tokens]] * k)
-    hover = "token %{x} %{text}<br>slot %{y}: expert %{z}<br>gate %{customdata:.3f}<extra></extra>"
+    if num_experts <= PALETTE_SIZE:
+        text = np.array([[show_token(t) for t in tokens]] * k)
+    else:
+        text = experts.T.astype(str) if _cell_text_fits(seq, num_experts) else None
+    hover = "token %{x}<br>slot %{y}: expert %{z}<br>gate %{customdata:.3f}<extra></extra>"
     fig = go.Figure(_expert_heatmap(experts.T, num_experts, x=np.arange(seq), y=np.arange(k), text=text,
-                                    texttemplate="%{text}", customdata=gates.T, hovertemplate=hover,
-                                    xgap=1, ygap=2))
-    fig.update_xaxes(title=axis_title("seq"), **_ticks(tokens))
+                                    texttemplate="%{text}" if text is not None else None, customdata=gates.T,
+                                    hovertemplate=hover, xgap=1, ygap=2))
+    fig.update_xaxes(title=axis_title("seq"), **token_ticks(tokens))
     fig.update_yaxes(title=axis_title("k"), tickvals=list(range(k)), autorange="reversed")
     return apply(fig, title=f"Layer {layer}: tokens coloured by selected expert (row 0 = first choice)",
-                 height=150 + 40 * k)
+                 height=150 + (40 if k <= 4 else 26) * k)
 
 
 def token_chips_html(tokens: Sequence[str], experts: np.ndarray, gates: np.ndarray,
-                     selected: int | None = None) -> str:
+                     selected: int | None = None, num_experts: int | None = None) -> str:
     """HTML chips: each token on its first-choice expert's colour, with its k experts and gates as a tooltip."""
     experts, gates = np.asarray(experts), np.asarray(gates, np.float64)
     chips = []
@@ -74,156 +94,83 @@ def token_chips_html(tokens: Sequence[str], experts: np.ndarray, gates: np.ndarr
         tip = ", ".join(f"E{int(e)} {g:.2f}" for e, g in zip(experts[i], gates[i]))
         border = "2px solid black" if i == selected else "1px solid transparent"
         chips.append(f'<span class="gv-token" title="{i}: {html.escape(tip)}" style="background:'
-                     f'{expert_color(experts[i, 0])};color:white;border:{border};border-radius:3px;'
-                     f'padding:1px 3px;margin:1px;display:inline-block;font-family:monospace">'
+                     f'{expert_color(experts[i, 0], num_experts)};color:white;border:{border};border-radius:3px;'
+                     f'padding:1px 3px;margin:1px;display:inline-block;font-family:monospace;'
+                     f'text-shadow:0 0 2px black">'
                      f'{html.escape(show_token(tok))}<sub>{int(experts[i, 0])}</sub></span>')
     return '<div class="gv-token-chips" style="line-height:1.9">' + "".join(chips) + "</div>"
 
 
 def routing_grid(tokens: Sequence[str], first: np.ndarray, first_gate: np.ndarray, num_experts: int,
-                 selected: int | None = None) -> go.Figure:
-    """Token x layer grid of first-choice experts. first, first_gate: [layer, seq]."""
+                 selected: int | None = None, *, layers: Sequence[int] | None = None,
+                 num_layers: int | None = None) -> go.Figure:
+    """Token x layer grid of first-choice experts. first, first_gate: [routing layer, seq]; ``layers``: the
+    layer number of each row (default 0..), ``num_layers``: the model's layers (dense ones drawn grey)."""
     first, first_gate = np.asarray(first), np.asarray(first_gate, np.float64)
-    L, seq = first.shape
+    rows, n = layer_axis(layers, first.shape[0], num_layers)
+    seq = first.shape[1]
+    text = _layer_rows(first.astype(str), rows, n) if _cell_text_fits(seq, num_experts, n) else None
     hover = "layer %{y}, token %{x}: expert %{z}<br>gate %{customdata:.3f}<extra></extra>"
-    fig = go.Figure(_expert_heatmap(first, num_experts, x=np.arange(seq), y=np.arange(L), customdata=first_gate,
-                                    text=first.astype(str), texttemplate="%{text}" if seq <= 64 else None,
-                                    hovertemplate=hover, xgap=1, ygap=1))
+    fig = go.Figure(_expert_heatmap(_layer_rows(first, rows, n), num_experts, x=np.arange(seq), y=np.arange(n),
+                                    customdata=_layer_rows(first_gate, rows, n), text=text,
+                                    texttemplate="%{text}" if text is not None else None, hoverongaps=False,
+                                    hovertemplate=hover, xgap=1, ygap=1 if n <= 32 else 0))
+    n_dense = shade_dense(fig, rows, n)
     if selected is not None:
         fig.add_vrect(x0=selected - 0.5, x1=selected + 0.5, line=dict(color="black", width=2))
-    fig.update_xaxes(title=axis_title("seq"), **_ticks(tokens))
-    fig.update_yaxes(title=axis_title("layer"))
-    return apply(fig, title="First-choice expert per token and layer", height=max(320, 200 + 22 * L))
+    fig.update_xaxes(title=axis_title("seq"), **token_ticks(tokens))
+    fig.update_yaxes(title=axis_title("layer"), **layer_ticks(rows, n))
+    return apply(fig, title=f"First-choice expert per token and layer{dense_note(n_dense)}",
+                 height=max(320, 200 + row_height(n) * n))
 
 
 def router_probs_by_layer(probs: np.ndarray, experts: np.ndarray, gates: np.ndarray, token: str,
-                          position: int) -> go.Figure:
-    """One token's router probabilities at every layer. probs: [layer, expert]; experts, gates: [layer, k].
+                          position: int, *, layers: Sequence[int] | None = None, num_layers: int | None = None,
+                          top: int | None = None) -> go.Figure:
+    """One token's router probabilities at every layer. probs: [routing layer, expert]; experts, gates:
+    [routing layer, k]. ``top``: show only the ``top`` experts with the highest probability at any layer
+    (columns in id order; all experts when None).
 
-    Selected experts are outlined; their gates are printed as they are used (not renormalised), so a row's
-    printed gates sum to less than 1."""
+    Selected experts are outlined; their gates are printed as the model applied them (Grok's are not
+    renormalised, so a row's printed gates can sum to less than 1)."""
     probs, experts, gates = np.asarray(probs, np.float64), np.asarray(experts), np.asarray(gates, np.float64)
-    L, E = probs.shape
-    text = np.full((L, E), "", object)
-    for l in range(L if E <= 32 else 0):       # printed gates only while cells are wide enough to read
-        for e, g in zip(experts[l], gates[l]):
-            text[l, int(e)] = f"{g:.2f}"
-    fig = go.Figure(go.Heatmap(z=probs, x=np.arange(E), y=np.arange(L), colorscale=SEQUENTIAL, zmin=0,
-                               zmax=max(float(probs.max()), 1e-6), text=text, texttemplate="%{text}",
-                               colorbar=dict(title="p"), xgap=1, ygap=1,
-                               hovertemplate="layer %{y} expert %{x}: p=%{z:.3f}<extra></extra>"))
-    ls, es = np.repeat(np.arange(L), experts.shape[1]), experts.reshape(-1)
-    fig.add_trace(go.Scatter(x=es, y=ls, mode="markers", name="selected (gate = p)", hoverinfo="skip",
-                             marker=dict(symbol="square-open", size=int(np.clip(480 / E, 5, 18)), color="white",
-                                         line=dict(width=2 if E <= 32 else 1))))
-    fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
-    fig.update_yaxes(title=axis_title("layer"))
+    rows, n = layer_axis(layers, probs.shape[0], num_layers)
+    E = probs.shape[1]
+    cols = np.sort(top_experts(probs.max(0), top))
+    col_of = np.full(E, -1)
+    col_of[cols] = np.arange(len(cols))
+    C = len(cols)
+    text = np.full((len(rows), C), "", object)
+    if C <= 32:                                 # printed gates only while cells are wide enough to read
+        for i in range(len(rows)):
+            for e, g in zip(experts[i], gates[i]):
+                if col_of[int(e)] >= 0:
+                    text[i, col_of[int(e)]] = f"{g:.2f}"
+    ids = np.broadcast_to(cols, (len(rows), C))
+    fig = go.Figure(go.Heatmap(z=_layer_rows(np.round(probs[:, cols], 5), rows, n), x=np.arange(C), y=np.arange(n),
+                               colorscale=SEQUENTIAL, zmin=0, zmax=max(float(probs.max()), 1e-6),
+                               text=_layer_rows(text, rows, n) if C <= 32 else None,
+                               texttemplate="%{text}" if C <= 32 else None, customdata=_layer_rows(ids, rows, n),
+                               colorbar=dict(title="p"), xgap=1 if C <= 64 else 0, ygap=1 if n <= 32 else 0,
+                               hoverongaps=False,
+                               hovertemplate="layer %{y} expert %{customdata}: p=%{z:.4f}<extra></extra>"))
+    sel_rows = np.repeat(np.asarray(rows), experts.shape[1])
+    sel_cols = col_of[experts.reshape(-1).astype(int)]
+    shown = sel_cols >= 0
+    fig.add_trace(go.Scatter(x=sel_cols[shown], y=sel_rows[shown], mode="markers", name="selected",
+                             hoverinfo="skip",
+                             marker=dict(symbol="square-open", size=int(np.clip(480 / C, 4, 18)), color="white",
+                                         line=dict(width=2 if C <= 32 else 1))))
+    n_dense = shade_dense(fig, rows, n)
+    fig.update_xaxes(title=axis_title("expert") + (f" (top {C} of {E} by p)" if C < E else ""),
+                     **id_ticks(cols))
+    fig.update_yaxes(title=axis_title("layer"), **layer_ticks(rows, n))
     fig.update_layout(showlegend=False, margin=dict(t=70))   # a two-line title: fits a half-column figure
     mean_sum = float(gates.sum(-1).mean())
+    dense = f", {n_dense} dense layer(s) grey" if n_dense else ""
     return apply(fig, title=f"Router probabilities of token {position} {show_token(token)!r}<br>"
-                            f"(gates un-renormalised, mean sum {mean_sum:.2f})", height=max(270, 140 + 22 * L))
-
-
-# ------------------------------------------------------------------------------------------------ load --
-
-def load_share_heatmap(share: np.ndarray, title: str = "Expert load share per layer") -> go.Figure:
-    """layers x experts heatmap of the share of routed slots; diverging around the uniform share 1/E."""
-    share = np.asarray(share, np.float64)
-    L, E = share.shape
-    u = 1.0 / E
-    span = max(float(np.abs(share - u).max()), 1e-6)
-    fig = go.Figure(go.Heatmap(z=share, x=np.arange(E), y=np.arange(L), colorscale=DIVERGING, zmid=u,
-                               zmin=u - span, zmax=u + span, text=np.round(share, 2),
-                               texttemplate="%{text}" if L * E <= 512 else None, xgap=1, ygap=1,
-                               colorbar=dict(title="share"),
-                               hovertemplate="layer %{y} expert %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
-    fig.update_yaxes(title=axis_title("layer"))
-    return apply(fig, title=f"{title} (uniform = {u:.3f})", height=max(250, 120 + 22 * L))
-
-
-def load_bars(share: np.ndarray, layer: int) -> go.Figure:
-    """One layer's load share per expert, with the uniform share 1/E marked."""
-    share = np.asarray(share, np.float64)
-    E = share.shape[0]
-    fig = go.Figure(go.Bar(x=np.arange(E), y=share, marker_color=[expert_color(e) for e in range(E)],
-                           hovertemplate="expert %{x}: %{y:.3f}<extra></extra>", name="share"))
-    fig.add_hline(y=1.0 / E, line=dict(color=UNIFORM_COLOR, dash="dash"), annotation_text="uniform 1/E",
-                  annotation_position="top right")
-    fig.update_xaxes(title=axis_title("expert"), tickvals=_expert_ticks(E))
-    fig.update_yaxes(title="share of routed slots", rangemode="tozero")
-    return apply(fig, title=f"Layer {layer} expert load share", height=300)
-
-
-def coactivation_conditional(co: np.ndarray) -> np.ndarray:
-    """P(j selected | i selected) = C[i, j] / C[i, i] from co-activation counts (diagonal = load); NaN on the
-    diagonal and for unused experts."""
-    co = np.asarray(co, np.float64)
-    diag = np.diag(co).copy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cond = np.where(diag[:, None] > 0, co / np.where(diag > 0, diag, 1)[:, None], np.nan)
-    np.fill_diagonal(cond, np.nan)
-    return cond
-
-
-def coactivation_heatmap(co: np.ndarray, layer: int, k: int | None = None) -> go.Figure:
-    """Expert co-activation as P(expert j also selected | expert i selected), from [expert, expert] counts whose
-    diagonal is each expert's load (grokviz.analysis.routing.coactivation). Uniform random top-k routing gives
-    (k - 1) / (E - 1) everywhere off the diagonal."""
-    cond = coactivation_conditional(co)
-    E = cond.shape[0]
-    text = np.where(np.isnan(cond), "", np.char.mod("%.2f", np.nan_to_num(cond))) if E <= 16 else None
-    fig = go.Figure(go.Heatmap(z=finite(cond), x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL,
-                               xgap=1 if E <= 32 else 0, ygap=1 if E <= 32 else 0, text=text,
-                               texttemplate="%{text}" if text is not None else None, zmin=0, zmax=1,
-                               hovertemplate="P(expert %{x} | expert %{y}) = %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(title="also selected: expert j", tickvals=_expert_ticks(E))
-    fig.update_yaxes(title="selected: expert i", tickvals=_expert_ticks(E), autorange="reversed")
-    base = f" (random: {(k - 1) / (E - 1):.3f})" if k else ""
-    return apply(fig, title=f"Layer {layer} co-activation P(j | i){base}", height=340)
-
-
-def consecutive_rates(layers: np.ndarray, first_repeat: np.ndarray, topk_overlap: np.ndarray,
-                      baselines: Mapping[str, float]) -> go.Figure:
-    """How often consecutive tokens share their first choice / top-k experts, per layer, against the rate
-    expected under random (uniform, independent) routing."""
-    fig = go.Figure()
-    for key, values, color in (("first_repeat", first_repeat, "#636EFA"), ("topk_overlap", topk_overlap, "#EF553B")):
-        fig.add_trace(go.Scatter(x=np.asarray(layers), y=finite(values), mode="lines+markers",
-                                 name=key.replace("_", " "), line=dict(color=color)))
-        if key in baselines:
-            fig.add_hline(y=float(baselines[key]), line=dict(color=color, dash="dot"),
-                          annotation_text=f"random {key.replace('_', ' ')}", annotation_position="top left")
-    fig.update_xaxes(title=axis_title("layer"))
-    fig.update_yaxes(title="rate over consecutive token pairs", rangemode="tozero")
-    fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0))
-    return apply(fig, title="Consecutive-token routing vs random baseline", height=340)
-
-
-def routing_sankey(flows: Sequence[np.ndarray], first_layer: int = 0, min_count: float = 0) -> go.Figure:
-    """Sankey of first-choice expert paths: flows[i] is [E, E] counts from layer first_layer+i to the next."""
-    flows = [np.asarray(f, np.float64) for f in flows]
-    E = flows[0].shape[0]
-    n_layers = len(flows) + 1
-    labels = [f"L{first_layer + i} E{e}" for i in range(n_layers) for e in range(E)]
-    colors = [expert_color(e) for _ in range(n_layers) for e in range(E)]
-    src, dst, val = [], [], []
-    for i, f in enumerate(flows):
-        a, b = np.nonzero(f > min_count)
-        src += (i * E + a).tolist()
-        dst += ((i + 1) * E + b).tolist()
-        val += f[a, b].tolist()
-    lcol = [_rgba(expert_color(int(s) % E), 0.35) for s in src]
-    fig = go.Figure(go.Sankey(arrangement="fixed", node=dict(label=labels, color=colors, pad=8, thickness=12),
-                              link=dict(source=src, target=dst, value=val, color=lcol)))
-    last = first_layer + n_layers - 1
-    return apply(fig, title=f"First-choice routing flow, layers {first_layer}\u2013{last}", height=420)
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    h = hex_color.lstrip("#")
-    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
+                            f"(gates as applied: mean sum {mean_sum:.2f}{dense})",
+                 height=max(270, 140 + row_height(n) * n))
 
 
 # ------------------------------------------------------------------------------------------- attention --
@@ -234,8 +181,8 @@ def attention_pattern(pattern: np.ndarray, tokens: Sequence[str], layer: int, he
     fig = go.Figure(go.Heatmap(z=pattern, x=np.arange(pattern.shape[1]), y=np.arange(pattern.shape[0]),
                                colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="p"),
                                hovertemplate="query %{y} \u2192 key %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(title=axis_title("kv_seq"), **_ticks(tokens), tickangle=-60)
-    fig.update_yaxes(title=axis_title("seq"), **_ticks(tokens), autorange="reversed")
+    fig.update_xaxes(title=axis_title("kv_seq"), **token_ticks(tokens), tickangle=-60)
+    fig.update_yaxes(title=axis_title("seq"), **token_ticks(tokens), autorange="reversed")
     side = min(700, 200 + 14 * len(tokens))
     return apply(fig, title=f"Layer {layer} head {head} (KV head {kv_head}) attention pattern", height=side)
 
@@ -289,16 +236,22 @@ def next_token_change(base: np.ndarray, new: np.ndarray, labels: Sequence[str], 
     return apply(fig, title=f"Next-token distribution{title_extra}", height=320)
 
 
-def routing_change(base_first: np.ndarray, new_first: np.ndarray, tokens: Sequence[str], num_experts: int) -> go.Figure:
-    """Where the first-choice expert changed: [layer, seq] grid showing the new expert where it differs."""
+def routing_change(base_first: np.ndarray, new_first: np.ndarray, tokens: Sequence[str], num_experts: int, *,
+                   layers: Sequence[int] | None = None, num_layers: int | None = None) -> go.Figure:
+    """Where the first-choice expert changed: [routing layer, seq] grid showing the new expert where it differs
+    (``layers``/``num_layers`` as in :func:`routing_grid`)."""
     base_first, new_first = np.asarray(base_first), np.asarray(new_first)
     changed = base_first != new_first
-    L, seq = changed.shape
-    z = np.where(changed, new_first, None).tolist()                    # None: unchanged (no NaN in the data)
-    fig = go.Figure(_expert_heatmap(z, num_experts, x=np.arange(seq), y=np.arange(L), xgap=1, ygap=1,
-                                    customdata=base_first,
-                                    hovertemplate="layer %{y} token %{x}: %{customdata} \u2192 %{z}<extra></extra>"))
-    fig.update_xaxes(title=axis_title("seq"), **_ticks(tokens))
-    fig.update_yaxes(title=axis_title("layer"))
+    rows, n = layer_axis(layers, changed.shape[0], num_layers)
+    seq = changed.shape[1]
+    z = np.where(changed, new_first, None)                              # None: unchanged (no NaN in the data)
+    fig = go.Figure(_expert_heatmap(expand_layers(z, rows, n).tolist(), num_experts, x=np.arange(seq),
+                                    y=np.arange(n), xgap=1, ygap=1 if n <= 32 else 0, hoverongaps=False,
+                                    customdata=_layer_rows(base_first, rows, n),
+                                    hovertemplate="layer %{y} token %{x}: expert %{customdata} \u2192 %{z}"
+                                                  "<extra></extra>"))
+    n_dense = shade_dense(fig, rows, n)
+    fig.update_xaxes(title=axis_title("seq"), **token_ticks(tokens))
+    fig.update_yaxes(title=axis_title("layer"), **layer_ticks(rows, n))
     return apply(fig, title=f"Routing changed at {int(changed.sum())} of {changed.size} (layer, token) "
-                            f"first choices", height=max(250, 120 + 22 * L))
+                            f"first choices{dense_note(n_dense)}", height=max(250, 120 + row_height(n) * n))

@@ -13,46 +13,62 @@ from .base import (
     ROUTING_CAPTURE,
     View,
     check_index,
+    check_moe_layer,
     figure_widget,
     flex_row,
     get_run,
+    moe_layer_slider,
     real_positions,
+    routing_layers,
     slider,
     split,
     sync,
 )
 
+TOP_CHOICES = (8, 16, 32, 64)      # "experts shown" in the router-probabilities figure of a large model
+
 
 @dataclasses.dataclass
 class RoutingState:
-    layer: int = 0
+    layer: int = 0      # a MoE layer's number
     token: int = 0      # index among the row's real tokens
     row: int = 0
+    top: int = 0        # experts shown in the router probabilities: the top-N by p at any layer (0 = all)
 
 
 class RoutingExplorer(View):
-    """Tokens coloured by selected expert at a layer (slider), token x layer grid of first choices, and the
-    selected token's router probabilities at every layer (gates as used: un-renormalised). Only the row's real
+    """Tokens coloured by selected expert at a layer (slider over the MoE layers), token x layer grid of first
+    choices (dense layers as grey rows), and the selected token's router probabilities at every layer (gates as
+    applied), for a large model restricted to the top-N experts (``top``, a control). Only the row's real
     tokens are shown (padding on either side is left out); ``token`` counts those."""
 
-    def __init__(self, source, prompt=None, *, row: int = 0, layer: int = 0, token: int | None = None,
-                 width: int = COLUMN_WIDTH):
+    def __init__(self, source, prompt=None, *, row: int = 0, layer: int | None = None, token: int | None = None,
+                 top: int | None = None, width: int = COLUMN_WIDTH):
         run = get_run(source, prompt, ROUTING_CAPTURE)
         pos = real_positions(run, row)
         n = len(pos)
         self.cfg = run.cfg
         self.positions = pos
         self.tokens = [run.str_tokens(row)[p] for p in pos]
-        self.experts = np.asarray(run.cache["blocks.moe.top_k_experts"])[:, row, pos]    # [layer, seq, k]
-        self.gates = np.asarray(run.cache["blocks.moe.top_k_weights"])[:, row, pos]      # [layer, seq, k]
-        self.probs = np.asarray(run.cache["blocks.moe.router_probs"])[:, row, pos]       # [layer, seq, expert]
-        L = self.experts.shape[0]
-        layer = check_index("layer", layer, L, f"the model has {L} layers")
+        self.layers, self.num_layers = routing_layers(run)                             # MoE layer numbers
+        self.experts = np.asarray(run.cache["blocks.moe.top_k_experts"])[:, row, pos]    # [moe layer, seq, k]
+        self.gates = np.asarray(run.cache["blocks.moe.top_k_weights"])[:, row, pos]      # [moe layer, seq, k]
+        self.probs = np.asarray(run.cache["blocks.moe.router_probs"])[:, row, pos]       # [moe layer, seq, expert]
+        E = self.cfg.num_experts
+        layer = check_moe_layer("layer", self.layers[0] if layer is None else layer, self.layers, self.num_layers)
         token = check_index("token", n - 1 if token is None else token, n, f"row {row} has {n} real tokens")
+        choices = [t for t in TOP_CHOICES if t < E]
+        top = (choices[-1] if E > 32 else 0) if top is None else top
+        if top and top not in choices:
+            raise ValueError(f"top={top!r} must be 0 (all experts) or one of {choices} (fewer than {E} experts)")
         self._init_view()
-        self.state = RoutingState(layer=layer, token=token, row=row)
-        self.layer_slider = slider("gv-layer-slider", "layer", 0, L - 1, layer)
+        self.state = RoutingState(layer=layer, token=token, row=row, top=top)
+        self.layer_slider = moe_layer_slider("gv-layer-slider", self.layers, layer)
         self.token_slider = slider("gv-token-slider", "token", 0, n - 1, token)
+        self.top_select = W.Dropdown(options=[(f"all {E}", 0)] + [(f"top {t}", t) for t in choices], value=top,
+                                     description="experts", layout=W.Layout(width="200px",
+                                                                            display=None if choices else "none"))
+        self.top_select.add_class("gv-top-experts")
         self.chips = W.HTML(self._chips())
         self.chips.add_class("gv-token-chips")
         w_grid, w_probs = split(width, 55, 45)
@@ -63,10 +79,15 @@ class RoutingExplorer(View):
         self.html_parts = [self.chips]
         self.layer_slider.observe(self._on_layer, names="value")
         self.token_slider.observe(self._on_token, names="value")
+        self.top_select.observe(self._on_top, names="value")
         self.grid_fig.data[0].on_click(lambda trace, points, _: points.xs and self.set_token(int(points.xs[0])))
-        self._finish([W.HBox([self.layer_slider, self.token_slider], layout=W.Layout(flex_flow="row wrap")),
+        self._finish([W.HBox([self.layer_slider, self.token_slider, self.top_select],
+                             layout=W.Layout(flex_flow="row wrap")),
                       self.chips, self.strip_fig, flex_row([self.grid_fig, self.probs_fig], width)],
                      "gv-routing-explorer", width)
+
+    def _row(self, layer: int) -> int:
+        return self.layers.index(layer)
 
     # --- controls -> state (each change draws once) ---
     def _on_layer(self, change) -> None:
@@ -77,9 +98,12 @@ class RoutingExplorer(View):
         self.state.token = int(change["new"])
         self._changed("chips", "grid", "probs")
 
+    def _on_top(self, change) -> None:
+        self.state.top = int(change["new"])
+        self._changed("probs")
+
     def set_layer(self, layer: int) -> None:
-        L = self.experts.shape[0]
-        self.layer_slider.value = check_index("layer", layer, L, f"the model has {L} layers")
+        self.layer_slider.value = check_moe_layer("layer", layer, self.layers, self.num_layers)
 
     def set_token(self, token: int) -> None:
         n = len(self.tokens)
@@ -87,20 +111,23 @@ class RoutingExplorer(View):
 
     # --- state -> figures ---
     def _chips(self) -> str:
-        l = self.state.layer
-        return F.token_chips_html(self.tokens, self.experts[l], self.gates[l], self.state.token)
+        i = self._row(self.state.layer)
+        return F.token_chips_html(self.tokens, self.experts[i], self.gates[i], self.state.token,
+                                  self.cfg.num_experts)
 
     def _strip(self):
         l = self.state.layer
-        return F.token_expert_strip(self.tokens, self.experts[l], self.gates[l], l, self.cfg.num_experts)
+        i = self._row(l)
+        return F.token_expert_strip(self.tokens, self.experts[i], self.gates[i], l, self.cfg.num_experts)
 
     def _grid(self):
         return F.routing_grid(self.tokens, self.experts[..., 0], self.gates[..., 0], self.cfg.num_experts,
-                              selected=self.state.token)
+                              selected=self.state.token, layers=self.layers, num_layers=self.num_layers)
 
     def _probs(self):
         t = self.state.token
-        return F.router_probs_by_layer(self.probs[:, t], self.experts[:, t], self.gates[:, t], self.tokens[t], t)
+        return F.router_probs_by_layer(self.probs[:, t], self.experts[:, t], self.gates[:, t], self.tokens[t], t,
+                                       layers=self.layers, num_layers=self.num_layers, top=self.state.top or None)
 
     def _draw(self, parts) -> None:
         if "chips" in parts:

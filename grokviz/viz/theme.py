@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.colors import sample_colorscale
 
 from ..axes import label
 
 TEMPLATE_NAME = "grokviz"
 
 # Ten well-separated colours (plotly's "Plotly" qualitative palette, reordered so experts 0-7 of an
-# 8-expert model are maximally distinct), then cycled for larger expert counts.
+# 8-expert model are maximally distinct). Models with more experts than that get a continuous scale over the
+# expert ids instead (a cycled palette would give experts 3, 13, 23, ... one colour); hover text names the id.
 EXPERT_PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880",
                   "#FF97FF", "#FECB52")
+PALETTE_SIZE = len(EXPERT_PALETTE)
 UNIFORM_COLOR = "#444444"
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
+MANY_EXPERTS = "Turbo"     # expert colours when there are more experts than palette entries
 
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
@@ -34,15 +38,21 @@ TEMPLATE = go.layout.Template(
 pio.templates[TEMPLATE_NAME] = TEMPLATE
 
 
-def expert_color(expert: int) -> str:
-    """The colour of expert ``expert`` (stable across every figure)."""
-    return EXPERT_PALETTE[int(expert) % len(EXPERT_PALETTE)]
+def expert_color(expert: int, num_experts: int | None = None) -> str:
+    """The colour of expert ``expert`` (stable across every figure of a model with ``num_experts`` experts:
+    the palette up to its length, a continuous scale over the ids beyond)."""
+    e = int(expert)
+    if num_experts is None or int(num_experts) <= len(EXPERT_PALETTE):
+        return EXPERT_PALETTE[e % len(EXPERT_PALETTE)]
+    return sample_colorscale(MANY_EXPERTS, [(e + 0.5) / int(num_experts)])[0]
 
 
 def expert_colorscale(num_experts: int) -> list:
-    """A stepped colorscale mapping integer z in [0, num_experts - 1] to the expert colours (use with
-    ``zmin=-0.5, zmax=num_experts - 0.5``)."""
+    """A colorscale mapping integer z in [0, num_experts - 1] to the expert colours (use with
+    ``zmin=-0.5, zmax=num_experts - 0.5``): stepped for up to ten experts, continuous beyond."""
     n = max(int(num_experts), 1)
+    if n > len(EXPERT_PALETTE):
+        return MANY_EXPERTS
     scale = []
     for e in range(n):
         c = expert_color(e)
