@@ -41,10 +41,9 @@ def _fmt_bytes(n: int) -> str:
 def cmd_inspect(args) -> int:
     from .checkpoint.config_io import as_config
     from .checkpoint.converted import inspect
+    from .checkpoint.hf import HFFolder, is_hf
     from .config import GrokConfig
     from .sharding import plan_memory
-
-    from .checkpoint.hf import HFFolder, is_hf
 
     cfg = None
     if args.path in PRESETS and not Path(args.path).exists():
@@ -96,7 +95,6 @@ def cmd_inspect(args) -> int:
 
 def cmd_convert(args) -> int:
     from .checkpoint.converted import DEFAULT_SHARD_BYTES, convert
-
     from .checkpoint.hf import HFFolder, is_hf
 
     shard = int(args.shard_gb * 1e9) if args.shard_gb else DEFAULT_SHARD_BYTES
@@ -120,8 +118,8 @@ def cmd_convert(args) -> int:
 
 def cmd_verify(args) -> int:
     from .checkpoint.converted import is_converted, read_index, verify
-    from .checkpoint.manifest import NoManifestError, find_manifest, verify_release
     from .checkpoint.hf import HFFolder, is_hf
+    from .checkpoint.manifest import NoManifestError, find_manifest, verify_release
     from .checkpoint.release import is_release, iter_release
 
     if is_hf(args.path):  # before is_converted: a sharded HF folder has a model.safetensors.index.json too
