@@ -260,3 +260,13 @@ def test_mxfp4_gpt_oss_folder_equals_its_dequantised_twin(tmp_path, rng):
     (q / "config.json").write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match="missing.*gate_up_proj"):
         load_hf(q)
+
+
+def test_onto_a_mesh_as_read(reference_params):
+    from jax.sharding import NamedSharding
+
+    from grokviz.sharding import make_mesh
+
+    cfg, params, _ = load_hf(DATA / "gpt_oss", mesh=make_mesh((1, 1)))
+    assert isinstance(params["blocks"]["w_gate"].sharding, NamedSharding)
+    _same_params(params, reference_params("gpt_oss")[1])
