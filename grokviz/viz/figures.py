@@ -57,9 +57,10 @@ def _layer_rows(values, rows, n):
     return expand_layers(values, rows, n).tolist()
 
 
-def _cell_text_fits(n_cols: int, E: int, n_rows: int = 1) -> bool:
-    """Whether expert ids printed in every cell stay legible (about a 1000 px column, 9 px per digit)."""
-    return n_cols * len(str(max(E - 1, 0))) <= 96 and row_height(n_rows) >= 16
+def _cell_text_fits(n_cols: int, E: int, n_rows: int = 1, chars: int = 64) -> bool:
+    """Whether expert ids printed in every cell stay legible: ``chars`` digits fit across the plot (about 7 px
+    a digit: 64 in a half column, 130 in a whole one) and rows are at least 16 px."""
+    return n_cols * len(str(max(E - 1, 0))) <= chars and row_height(n_rows) >= 16
 
 # --------------------------------------------------------------------------------------------- routing --
 
@@ -74,7 +75,7 @@ def token_expert_strip(tokens: Sequence[str], experts: np.ndarray, gates: np.nda
     if num_experts <= PALETTE_SIZE:
         text = np.array([[show_token(t) for t in tokens]] * k)
     else:
-        text = experts.T.astype(str) if _cell_text_fits(seq, num_experts) else None
+        text = experts.T.astype(str) if _cell_text_fits(seq, num_experts, chars=130) else None
     hover = "token %{x}<br>slot %{y}: expert %{z}<br>gate %{customdata:.3f}<extra></extra>"
     fig = go.Figure(_expert_heatmap(experts.T, num_experts, x=np.arange(seq), y=np.arange(k), text=text,
                                     texttemplate="%{text}" if text is not None else None, customdata=gates.T,

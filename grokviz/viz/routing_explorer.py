@@ -58,7 +58,7 @@ class RoutingExplorer(View):
         layer = check_moe_layer("layer", self.layers[0] if layer is None else layer, self.layers, self.num_layers)
         token = check_index("token", n - 1 if token is None else token, n, f"row {row} has {n} real tokens")
         choices = [t for t in TOP_CHOICES if t < E]
-        top = (choices[-1] if E > 32 else 0) if top is None else top
+        top = (32 if E > 32 else 0) if top is None else top
         if top and top not in choices:
             raise ValueError(f"top={top!r} must be 0 (all experts) or one of {choices} (fewer than {E} experts)")
         self._init_view()
