@@ -234,10 +234,17 @@ class Model:
                           expert_impl=expert_impl, unroll=unroll,
                           callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention)
         cache = ActivationCache(out.cache, dict(out.layout), num_layers=cfg.num_layers,
-                                length=t)
+                                length=t, moe_layers=cfg.moe_layer_ids)
         return Run(tokens, out.logits, cache, self, cfg=cfg, interventions=interventions,
                    attention=given_attention, capture=capture, expert_impl=expert_impl, bucket=bucket,
                    unroll=unroll, callbacks=callbacks)
+
+    def generate(self, prompt, max_new_tokens: int, **kwargs):
+        """Sample a continuation with a KV cache, capturing and steering the model per generated token; see
+        :func:`grokviz.generation.generate` for the arguments and :class:`grokviz.generation.GenerationResult`."""
+        from .generation import generate
+
+        return generate(self, prompt, max_new_tokens, **kwargs)
 
     def run_many(self, tokens_or_text, interventions, *, capture=None, expert_impl="sparse"):
         """Many interventions in one vmapped call. ``interventions``: a list, or an already stacked
@@ -251,7 +258,8 @@ class Model:
         check_interventions(stacked, self.cfg, tokens.shape, variants=True)
         out = forward_many_jit(self.params, jnp.asarray(tokens), stacked, cfg=self.cfg, capture=select(capture),
                                expert_impl=expert_impl)
-        return out.logits, ActivationCache(out.cache, num_layers=self.cfg.num_layers, variants=True)
+        return out.logits, ActivationCache(out.cache, dict(out.layout), num_layers=self.cfg.num_layers,
+                                           variants=True, moe_layers=self.cfg.moe_layer_ids)
 
 
 def check_attention_spec(spec: AttentionSpec, cfg: GrokConfig, seq: int) -> None:

@@ -35,12 +35,15 @@ def _layer_number(layer, n: int, name: str) -> int:
 
 class ActivationCache(Mapping):
     """``values``: {hook name: array}; ``layout``: {name: (layers or None, heads or None)} for hooks kept for some
-    layers/heads only (AttentionSpec); ``num_layers``: the model's layer count (default: the leading layer axis
+    layers/heads only (AttentionSpec, or routing hooks of a model with dense MLP layers); ``moe_layers``: the
+    model's MoE layers; ``num_layers``: the model's layer count (default: the leading layer axis
     of the captures); ``length``: true sequence length when the values are padded; ``variants``: True when every
     value has a leading variant axis (``run_many``)."""
 
     def __init__(self, values: dict, layout: dict | None = None, *, num_layers: int | None = None,
-                 length: int | None = None, variants: bool = False):
+                 length: int | None = None, variants: bool = False, moe_layers: tuple[int, ...] | None = None):
+        #: the model's MoE layers (None: unknown or every layer); routing hooks exist for these layers only
+        self.moe_layers = None if moe_layers is None else tuple(moe_layers)
         self._values = dict(values)
         self._host: dict = {}
         self.layout = dict(layout or {})
@@ -74,6 +77,9 @@ class ActivationCache(Mapping):
             layer = _layer_number(layer, n, name)
             kept = self.layers_of(name)
             if kept is not None:
+                if layer not in kept and self.moe_layers is not None and layer not in self.moe_layers:
+                    raise KeyError(f"layer {layer} is a dense MLP layer: {name} exists at the MoE layers "
+                                   f"{list(self.moe_layers)} only")
                 if layer not in kept:
                     raise KeyError(f"{name} was captured for layers {list(kept)} only, not layer {layer} "
                                    f"(index by layer number; pass AttentionSpec(layers=...) including it)")

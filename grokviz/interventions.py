@@ -295,6 +295,38 @@ def _hook_shape(name, cfg: GrokConfig, token_shape, attention=None) -> tuple[int
     return tuple(sizes[a] for a in REGISTRY[name].axes)
 
 
+#: hooks that exist at MoE layers only (a patch of them at a dense-MLP layer has nothing to act on)
+_MOE_ONLY_HOOKS = ("blocks.moe.router_logits", "blocks.moe.router_probs", "blocks.moe.top_k_experts",
+                   "blocks.moe.top_k_weights", "blocks.moe.expert_out", "blocks.moe.shared_out",
+                   "blocks.moe.shared_gate")
+
+
+def _check_dense_layers(iv: Interventions, cfg: GrokConfig, variants: bool) -> None:
+    """Expert and router edits, and patches of MoE-only hooks, at a dense-MLP layer are errors (never ignored)."""
+    dense = list(cfg.dense_layer_ids)
+    if not dense:
+        return
+    defaults = {"expert_remove": False, "expert_scale": 1.0, "router_bias": 0.0, "router_temperature": 1.0,
+                "renormalize": False}
+    for name, neutral in defaults.items():
+        value = getattr(iv, name)
+        if _is_tracer(value):
+            continue
+        arr = np.asarray(value)
+        at = arr[:, dense] if variants else arr[dense]
+        if np.any(at != neutral):
+            bad = dense[int(np.argwhere(at != neutral)[0][1 if variants else 0])]
+            raise ValueError(f"interventions.{name} edits layer {bad}, a dense MLP layer without experts "
+                             f"(MoE layers: {list(cfg.moe_layer_ids)})")
+    for name, (_, mask) in iv.patches.items():
+        if name in _MOE_ONLY_HOOKS and not _is_tracer(mask):
+            m = np.asarray(mask)
+            hit = [l for l in dense if m[(slice(None),) * int(variants) + (l,)].any()]
+            if hit:
+                raise ValueError(f"patch for {name} at layer {hit[0]}, a dense MLP layer without experts "
+                                 f"(MoE layers: {list(cfg.moe_layer_ids)})")
+
+
 def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape, attention=None, *,
                         variants: bool = False) -> None:
     """Check interventions against a model and a token batch on the host; ``ValueError`` names the field or
@@ -333,6 +365,7 @@ def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape, attenti
             raise ValueError(f"interventions remove {int(count[tuple(where)])} of {E} experts at layer {layer}"
                              f"{f' (variant {int(where[0])})' if variants else ''}, but top_k={k} needs {k} left: "
                              f"remove at most {E - k} per layer")
+    _check_dense_layers(iv, cfg, variants)
     for name, pair in iv.patches.items():
         if name not in REGISTRY:
             raise unknown_hook_error(name)
