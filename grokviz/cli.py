@@ -8,6 +8,7 @@
     grokviz verify PATH [--manifest FILE] [--config JSON]
     grokviz manifest PATH [--write | -o FILE]
     grokviz train ...                                           # see grokviz.train
+    grokviz generate MODEL "prompt" --max-new-tokens N --temperature T [--top-p P --top-k K --seed S --routing]
 
 A converted checkpoint verifies against its own index (SHA-256 and size of every file). The release format
 records no hashes and cannot itself detect two same-shaped tensors swapped between files (each pickle holds only
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-o", "--output", help="write the manifest to this file (atomically)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_manifest)
+
+    from .generation.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 

@@ -10,7 +10,7 @@ from ..cache import ActivationCache
 from ..interventions import Interventions, check_interventions
 from . import inputs
 from .keys import check_rng, seeds_array
-from .loop import Traced, program_jit
+from .loop import LAYOUTS, Traced, program_jit
 from .result import GenerationResult
 from .stream import GenerationStream, register, unregister
 
@@ -109,6 +109,7 @@ def _result(model, prompts, out, n, settings) -> GenerationResult:
     lengths = alive.sum(axis=1).astype(np.int32)
     tokens = np.asarray(out.tokens)[:, :n]
     steps_run = int(out.steps_run)
+    pre_layout, step_layout = LAYOUTS.get((cfg, settings["capture"]), ({}, {}))
     steps = {k: np.asarray(v)[:steps_run] for k, v in out.step_cache.items()}
     texts = None
     if model.tokenizer is not None:
@@ -118,5 +119,6 @@ def _result(model, prompts, out, n, settings) -> GenerationResult:
         top_probs=np.asarray(out.top_probs)[:, :n], logprobs=np.asarray(out.logprob)[:, :n],
         top_logprobs=np.asarray(out.top_logprobs)[:, :n],
         logits=None if out.logits is None else np.asarray(out.logits)[:, :n], steps=steps, steps_run=steps_run,
-        prefill=ActivationCache(out.prefill_cache, num_layers=cfg.num_layers), prompt=prompts.buffer,
+        prefill=ActivationCache(out.prefill_cache, pre_layout, num_layers=cfg.num_layers, moe_layers=cfg.moe_layer_ids),
+        step_layout=step_layout, prompt=prompts.buffer,
         prompt_lengths=prompts.lengths, texts=texts, settings=settings, single=prompts.single, model=model)

@@ -31,6 +31,9 @@ from .sampler import TOP_CANDIDATES, sample
 from .stream import emit
 
 TRACE_COUNT = [0]  # incremented each time the generation program is traced (compiled); tests read it
+#: (cfg, capture) -> (prefill layout, decode layout): the static cache layouts (Output.layout) of the program's
+#: two forwards, recorded while tracing (they depend on nothing else)
+LAYOUTS: dict = {}
 
 
 class Traced(typing.NamedTuple):
@@ -86,10 +89,12 @@ def _program(params, args: Traced, iv, patches, *, cfg, n_bucket, capture, rng, 
     fill = max(cfg.pad_token, 0)
     kv = KVCache.empty(cfg, b, width + n_bucket, jnp.float32)
     pre = forward(params, args.prompt, cfg, capture=capture, interventions=iv, expert_impl=expert_impl, kv=kv)
+    layouts = LAYOUTS.setdefault((cfg, capture), [dict(pre.layout), {}])
 
     def decode(kv, token, i):
         out = forward(params, token[:, None], cfg, capture=capture, interventions=_step_interventions(iv, patches, i),
                       expert_impl=expert_impl, kv=kv)
+        layouts[1] = dict(out.layout)
         return out.logits[:, 0], {k: _drop_seq(k, v) for k, v in out.cache.items()}, out.kv
 
     shapes = jax.eval_shape(decode, pre.kv, args.prompt[:, 0], jnp.int32(0))[1] if capture else {}

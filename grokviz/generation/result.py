@@ -28,7 +28,8 @@ class GenerationResult:
     * ``steps``: {hook: array with a leading step axis [steps, ...]}: what the model computed for generated
       token ``t`` as it was fed back in (routing, its attention row over the cache ``[steps, layer, batch,
       head, slot]``, residuals, ...), each hook's axes without ``seq``; ``steps_run`` entries, the tokens
-      made (fewer than ``n`` when every row stopped early);
+      made (fewer than ``n`` when every row stopped early); :meth:`step_layers` names the layers along a
+      hook's layer axis (routing hooks of a model with dense MLP layers exist at its MoE layers only);
     * ``prefill``: the prompt's capture, an :class:`~grokviz.cache.ActivationCache` over the left-padded
       prompt buffer ``prompt`` [batch, P] (row ``r``'s prompt is at slots ``P - prompt_lengths[r] .. P - 1``;
       attention maps there have ``P + N`` key slots, the cache size).
@@ -49,6 +50,7 @@ class GenerationResult:
     steps: dict
     steps_run: int
     prefill: ActivationCache
+    step_layout: dict
     prompt: np.ndarray
     prompt_lengths: np.ndarray
     texts: list | None
@@ -93,14 +95,19 @@ class GenerationResult:
             raise IndexError(f"step {t} is outside the {self.steps_run} captured steps")
         return value[t]
 
+    def step_layers(self, name: str) -> tuple[int, ...]:
+        """The layer numbers along the layer axis of ``steps[name]`` (every layer, or the MoE layers only)."""
+        value = self.step(name)
+        kept = self.step_layout.get(name, (None, None))[0]
+        return tuple(range(value.shape[1])) if kept is None else tuple(kept)
+
     def first_choice(self, layer: int) -> np.ndarray:
-        """int32 [batch, n_captured]: each generated token's first-choice expert at ``layer`` (needs
+        """int32 [batch, steps]: each generated token's first-choice expert at MoE layer number ``layer`` (needs
         ``blocks.moe.top_k_experts`` captured)."""
-        top = self.step("blocks.moe.top_k_experts")  # [steps, layer, batch, k]
-        n_layers = top.shape[1]
-        if not -n_layers <= layer < n_layers:
-            raise IndexError(f"layer {layer} is outside the {n_layers} captured layers")
-        return top[:, layer, :, 0].T
+        layers = self.step_layers("blocks.moe.top_k_experts")
+        if layer not in layers:
+            raise IndexError(f"layer {layer} is not among the captured MoE layers {list(layers)}")
+        return self.step("blocks.moe.top_k_experts")[:, layers.index(layer), :, 0].T
 
     def __repr__(self):
         caps = ", ".join(sorted(self.steps)) or "nothing"
