@@ -197,6 +197,14 @@ def test_bad_input_is_a_clear_error(model, kwargs, match):
     assert TRACE_COUNT[0] == start  # refused on the host, before anything compiles
 
 
+def test_prompt_buckets_are_model_runs_buckets():
+    from grokviz.api import bucket_length
+    from grokviz.generation import inputs
+
+    for cap in (24, 64, 8192):
+        assert [inputs.bucket_length(t, cap) for t in range(1, 1300)] == [bucket_length(t, cap) for t in range(1, 1300)]
+
+
 def test_bad_interventions_and_step_patches(model):
     iv = gv.Interventions.none(model.cfg)
     with pytest.raises(ValueError, match="give per-step patches as step_patches"):
