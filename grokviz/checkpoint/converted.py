@@ -7,7 +7,13 @@ Layout of a converted directory::
                                        "weight_map": {tensor: shard}, "files": {file: {"sha256", "bytes"}}}
     model-00001-of-0000N.safetensors  tensors ``embed``, ``final_norm``, ``layers.{i}.{leaf}`` (plain) or
                                       ``layers.{i}.{leaf}.weight`` (int8) + ``layers.{i}.{leaf}.scales``
-    tokenizer.model                   (if the source had one next to it)
+    tokenizer.model                   (if the source had one next to it: SentencePiece, the Grok-1 tokenizer)
+    tokenizer.json                    (instead, for a Hugging Face tokenizer; with its tokenizer_config.json when
+                                       there is one next to it, which names the pad and end-of-sequence tokens)
+
+Per-layer tensors are named by their model layer number: the MoE leaves (router, experts, shared expert) exist
+only at MoE layers and the dense MLP leaves only at dense layers, so ``layers.{i}`` holds the leaves that layer
+``i`` has (see :func:`grokviz.params.shapes_dict`).
 
 Writes are atomic (:mod:`.fsutil`): everything goes to a hidden temporary sibling that is put in place only when
 complete; an existing destination is kept until the new one replaces it, and what a killed run leaves behind is
@@ -33,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GrokConfig
-from ..params import Int8Weight, validate_params
+from ..params import DENSE_LEAVES, MOE_LEAVES, Int8Weight, shapes_dict, validate_params
 from . import fsutil
 from .config_io import FORMAT, config_from_json, config_to_json, resolve_release_config
 from .safetensors_io import ConvertedCheckpointError, _ShardWriter, memmap_tensor, read_safetensors_header, sha256_file
@@ -42,6 +48,9 @@ VERSION = 1
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+HF_TOKENIZER = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+TOP_LEAVES = ("embed", "final_norm", "unembed")
 DEFAULT_SHARD_BYTES = 4 << 30
 
 __all__ = ["ConvertedCheckpointError", "convert", "inspect", "is_converted", "iter_converted", "read_config",
@@ -112,8 +121,7 @@ def write_checkpoint(dst, cfg: GrokConfig, tensors: Iterable[tuple[str, int | No
         _write_json(tmp / CONFIG, config_to_json(cfg))
         files = [names[i] for i in range(n)] + [CONFIG]
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
-            files.append(TOKENIZER)
+            files += _copy_tokenizer(Path(tokenizer), tmp)
         index = {"format": FORMAT, "version": VERSION, "config": CONFIG,
                  "weight_map": {k: names[i] for k, i in weight_map.items()},
                  "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
@@ -127,6 +135,23 @@ def write_checkpoint(dst, cfg: GrokConfig, tensors: Iterable[tuple[str, int | No
     return dst
 
 
+def _copy_tokenizer(src: Path, tmp: Path) -> list[str]:
+    """Copy a tokenizer file into the folder being written; returns the names written. ``*.json`` is a Hugging
+    Face ``tokenizer.json`` (kept under that name, with the ``tokenizer_config.json`` next to it if any);
+    anything else a SentencePiece model (written as ``tokenizer.model``)."""
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer file {src} does not exist (pass tokenizer=None to write none)")
+    if src.suffix != ".json":
+        shutil.copyfile(src, tmp / TOKENIZER)
+        return [TOKENIZER]
+    shutil.copyfile(src, tmp / HF_TOKENIZER)
+    names = [HF_TOKENIZER]
+    if (src.parent / HF_TOKENIZER_CONFIG).is_file():
+        shutil.copyfile(src.parent / HF_TOKENIZER_CONFIG, tmp / HF_TOKENIZER_CONFIG)
+        names.append(HF_TOKENIZER_CONFIG)
+    return names
+
+
 def _write_json(path: Path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
@@ -135,20 +160,36 @@ def _write_json(path: Path, obj):
         os.fsync(f.fileno())
 
 
+def leaf_layers(name: str, cfg: GrokConfig) -> tuple[int, ...]:
+    """The model layers that per-layer leaf ``name`` has a slice for, in the order of its leading axis."""
+    if name in MOE_LEAVES:
+        return cfg.moe_layer_ids
+    if name in DENSE_LEAVES:
+        return cfg.dense_layer_ids
+    return tuple(range(cfg.num_layers))
+
+
 def params_tensors(params, cfg: GrokConfig) -> Iterator[tuple[str, int | None, object]]:
     """(name, layer, value) of an in-memory grokviz param pytree (checked against ``cfg`` first), one layer
-    slice at a time; :class:`Int8Weight` leaves (top-level or stacked) stay int8 + scales."""
+    slice at a time, ``layer`` being the model layer number (a MoE or dense-MLP leaf's slice ``j`` is layer
+    ``leaf_layers(name, cfg)[j]``); :class:`Int8Weight` leaves (top-level or stacked) stay int8 + scales."""
     validate_params(params, cfg)
-    for name in ("embed", "final_norm"):
+    for name in TOP_LEAVES:
+        if name not in params:  # unembed: untied models only (validate_params checked presence against cfg)
+            continue
         leaf = params[name]
         yield name, None, (Int8Weight(np.asarray(leaf.weight), np.asarray(leaf.scales))
                            if isinstance(leaf, Int8Weight) else np.asarray(leaf))
+    slots = {name: {layer: j for j, layer in enumerate(leaf_layers(name, cfg))} for name in params["blocks"]}
     for layer in range(cfg.num_layers):
         for name, leaf in params["blocks"].items():
+            j = slots[name].get(layer)
+            if j is None:
+                continue
             if isinstance(leaf, Int8Weight):
-                yield name, layer, Int8Weight(np.asarray(leaf.weight[layer]), np.asarray(leaf.scales[layer]))
+                yield name, layer, Int8Weight(np.asarray(leaf.weight[j]), np.asarray(leaf.scales[j]))
             else:
-                yield name, layer, np.asarray(leaf[layer])
+                yield name, layer, np.asarray(leaf[j])
 
 
 def save(model_or_params, dst, cfg: GrokConfig | None = None, **kw) -> Path:
@@ -159,8 +200,8 @@ def save(model_or_params, dst, cfg: GrokConfig | None = None, **kw) -> Path:
             raise TypeError(f"save({type(model_or_params).__name__}, ...): a param pytree needs its config: "
                             f"save(params, dst, cfg=...)")
         cfg, params = model_or_params.cfg, model_or_params.params
-        tok = getattr(model_or_params.tokenizer, "path", None)
-        kw.setdefault("tokenizer", tok)
+        tok = model_or_params.tokenizer  # a SentencePiece Tokenizer (.path) or an HFTokenizer (.json_path)
+        kw.setdefault("tokenizer", getattr(tok, "json_path", None) or getattr(tok, "path", None))
     else:
         params = getattr(model_or_params, "params", model_or_params)
     return write_checkpoint(dst, cfg, params_tensors(params, cfg), **kw)
@@ -243,7 +284,7 @@ def format_files(path) -> set[str]:
     """The files in ``path`` that belong to the format (shards, config, tokenizer), as index names."""
     path = Path(path)
     out = {p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.is_file() or p.is_symlink()}
-    return out | {n for n in (CONFIG, TOKENIZER) if os.path.lexists(path / n)}
+    return out | {n for n in (CONFIG, TOKENIZER, HF_TOKENIZER, HF_TOKENIZER_CONFIG) if os.path.lexists(path / n)}
 
 
 def verify(path) -> dict:
@@ -379,7 +420,7 @@ def inspect(path) -> dict:
 
 
 def _count(cfg: GrokConfig) -> int:
-    from ..params import shapes_dict
-
-    leaves = [shapes_dict(cfg)["embed"], shapes_dict(cfg)["final_norm"], *shapes_dict(cfg)["blocks"].values()]
+    """Number of scalar parameters ``cfg`` has (every leaf of :func:`grokviz.params.shapes_dict`)."""
+    shapes = shapes_dict(cfg)
+    leaves = [*(shapes[n] for n in TOP_LEAVES if n in shapes), *shapes["blocks"].values()]
     return int(sum(np.prod(s, dtype=np.int64) for s in leaves))
