@@ -178,7 +178,8 @@ def plan_memory(cfg: GrokConfig, mesh_shape: Sequence[int] = (1, 8), dtype: str 
     n_dev = sizes["data"] * sizes["model"]
     blocks = scale_blocks or RELEASE_SCALE_BLOCKS
     shapes = shapes_dict(cfg)
-    items = [(n, shapes[n], None) for n in TOP_LEVEL if n in shapes] + [(n, s, None) for n, s in shapes["blocks"].items()]
+    items = [(n, shapes[n], None) for n in TOP_LEVEL if n in shapes]
+    items += [(n, s, None) for n, s in shapes["blocks"].items()]
     leaves, per_dev, total, nparams = [], 0, 0, 0
 
     def add(label, name, shape, nbytes_per_elt, dt):

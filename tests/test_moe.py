@@ -43,7 +43,8 @@ def test_sparse_handles_all_tokens_on_one_expert():
     p = jax.tree_util.tree_map(lambda a: a[0], gv.init_params(cfg, jax.random.key(3))["blocks"])
     x = jax.random.normal(jax.random.key(4), (2, 9, cfg.d_model))
     experts = jnp.stack([jnp.full((2, 9), 5), jnp.full((2, 9), 0)], axis=-1).astype(jnp.int32)
-    np.testing.assert_allclose(experts_sparse(p, x, experts, cfg, block=8), experts_dense(p, x, experts, cfg), atol=2e-5)
+    np.testing.assert_allclose(experts_sparse(p, x, experts, cfg, block=8), experts_dense(p, x, experts, cfg),
+                               atol=2e-5)
 
 
 def test_route_is_grok_semantics():

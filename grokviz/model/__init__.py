@@ -2,9 +2,9 @@
 
 from .attention import attention, attention_mask
 from .block import block
+from .kvcache import KVCache
 from .layers import gelu_tanh, rms_norm, rope, softcap
 from .moe import combine, experts_dense, experts_sparse, route
-from .kvcache import KVCache
 from .transformer import Blocks, Output, embed, forward, run_blocks, unembed
 
 __all__ = ["Blocks", "KVCache", "Output", "attention", "attention_mask", "block", "combine", "embed", "experts_dense",
