@@ -125,7 +125,10 @@ def test_cli_generate_prints_text_and_routing(tiny, capsys):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_family_greedy_equals_transformers_generate(family):
     """Both golden prompts in one left-padded batch: greedy tokens equal transformers' ``generate(do_sample=False)``
-    (KV-cached, unpadded), and the cached logits equal a full forward over the batch buffer."""
+    (KV-cached, unpadded). For gpt-oss (sliding-window layers, sinks, YaRN: where a cache mask is easiest to get
+    wrong) the cached logits are also checked against a full forward over the batch buffer; measured when this
+    test was written, for every family: <= 1.14e-5 at |logits| <= 17 (the full forward of the other families is
+    one more compile each, and tests/test_families_core.py checks prefill + decode against it)."""
     model = gv.load(HF / family, progress=False)
     z = np.load(HF / family / "golden.npz")
     prompts = [z["gen_prompt_0"], z["gen_prompt_1"]]
@@ -133,7 +136,7 @@ def test_hf_family_greedy_equals_transformers_generate(family):
                          keep_logits=True)
     np.testing.assert_array_equal(res.tokens[0], z["gen_greedy_0"])
     np.testing.assert_array_equal(res.tokens[1], z["gen_greedy_1"])
-    err, _ = cached_vs_full(model, res)
-    print(f"{family}: cached vs full forward max abs {err:.2e}, max |logit| {np.abs(res.logits).max():.2f}")
-    assert err < tolerance(res), (family, err)
     assert res.step_layers("blocks.moe.top_k_experts") == tuple(int(i) for i in z["moe_layers"])
+    if family == "gpt_oss":
+        err, _ = cached_vs_full(model, res)
+        assert err < tolerance(res), (family, err)
