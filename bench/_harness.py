@@ -386,3 +386,54 @@ def write_json(path: str, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         print(f"# wrote {path}")
+
+
+# --------------------------------------------------------------------------- CPU line
+def cpu_info() -> dict:
+    """Model name, vector extensions (from /proc/cpuinfo flags) and L2 cache per core (sysfs) of this machine."""
+    info = {"cpu": "?", "avx2": False, "avx512": False, "avx512_bf16": False, "amx": False, "l2_per_core": "?",
+            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and info["cpu"] == "?":
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    info.update(avx2="avx2" in flags, avx512="avx512f" in flags,
+                                avx512_bf16="avx512_bf16" in flags, amx="amx_tile" in flags)
+                    break
+    except OSError:
+        pass
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in sorted(os.listdir(base)):
+            d = os.path.join(base, idx)
+            with open(os.path.join(d, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(d, "size")) as f:
+                    size = f.read().strip()
+                with open(os.path.join(d, "shared_cpu_list")) as f:
+                    shared = f.read().strip()
+                n = sum(int(b) - int(a) + 1 for a, _, b in (r.partition("-") if "-" in r else (r, "", r)
+                                                              for r in shared.split(",")))
+                info["l2_per_core"] = size if n <= 1 else f"{size} shared by {n} CPUs"
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def cpu_line(gemm_gflops_measured: float | None = None, lib: str = "jax") -> str:
+    """One line for a table's caption: CPU model, AVX2 / AVX-512 (and bf16, AMX), L2 per core, the GEMM rate
+    measured in this run."""
+    c = cpu_info()
+    ext = "AVX-512" + (" (bf16)" if c["avx512_bf16"] else "") if c["avx512"] else ("AVX2" if c["avx2"] else
+                                                                                   "no AVX2")
+    if c["amx"]:
+        ext += ", AMX"
+    gemm = (f"; {lib} 2048^3 fp32 GEMM {gemm_gflops_measured:.0f} GFLOP/s in this run"
+            if gemm_gflops_measured else "")
+    return f"CPU: {c['cpu']}, {c['cpus']} CPUs, {ext}, L2 {c['l2_per_core']} per core{gemm}"

@@ -29,6 +29,31 @@ def _is_float(dt) -> bool:
     return np.issubdtype(dt, np.floating) or dt == np.dtype(jnp.bfloat16)
 
 
+#: XLA's CPU client adopts a host buffer aligned to this many bytes without copying it (``jax.device_put``)
+_ALIGN = 64
+
+
+def host_buffer(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data is aligned to :data:`_ALIGN` bytes, so that
+    :func:`to_device` hands it to a CPU device without a copy (``np.empty`` only guarantees 16 bytes)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def to_device(value, dtype=None):
+    """``value`` as a jax array on the default device, copied once: into an aligned host buffer (converting to
+    ``dtype`` on the way, straight from a memory map), which the CPU device then adopts as it is. ``jnp.asarray``
+    of a numpy array makes a second, device-side copy, so the host buffer and the array coexisted: a loaded
+    model's peak memory was twice its weights."""
+    value = np.asarray(value)
+    buf = host_buffer(value.shape, value.dtype if dtype is None else dtype)
+    buf[...] = value
+    return jax.device_put(buf, may_alias=True)
+
+
 @functools.cache
 def _zeros_fn(shape, dtype, sharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
@@ -48,7 +73,7 @@ class _Stack:
     def __init__(self, name, shape, dtype, mesh):
         self.name, self.shape, self.dtype, self.mesh = name, tuple(shape), np.dtype(dtype), mesh
         if mesh is None:
-            self.buf = np.empty(self.shape, self.dtype)
+            self.buf = host_buffer(self.shape, self.dtype)
         else:
             spec = fit_spec(base_spec(name), self.shape, mesh)
             self.sharding = NamedSharding(mesh, spec)
@@ -61,14 +86,18 @@ class _Stack:
             raise CheckpointError(f"{self.name} layer {layer}: shape {tuple(value.shape)}, buffer expects "
                                   f"{self.shape[1:]}")
         if self.mesh is None:
-            self.buf[layer] = value
+            self.buf[layer] = value  # converts to the buffer's dtype while copying (no temporary)
         else:
             v = jax.device_put(np.asarray(value), self.slice_sharding)
             self.buf = _set_layer_fn(self.sharding)(self.buf, v, np.int32(layer))
         self.filled.add(layer)
 
     def finish(self):
-        return jnp.asarray(self.buf) if self.mesh is None else self.buf
+        """The stacked array. Host buffers are adopted by a CPU device without a copy (and dropped here, so that
+        nothing can write into the returned array); other devices copy them once."""
+        if self.mesh is None and isinstance(self.buf, np.ndarray):
+            self.buf = jax.device_put(self.buf, may_alias=True)
+        return self.buf
 
 
 class ParamAssembler:
@@ -89,14 +118,16 @@ class ParamAssembler:
 
     def _place(self, name, value):
         if self.mesh is None:
-            return jnp.asarray(value)
+            return to_device(value)
         return jax.device_put(value, NamedSharding(self.mesh, fit_spec(base_spec(name), value.shape, self.mesh)))
 
     def _place_top(self, name, value):
         if isinstance(value, Int8Weight):
             return Int8Weight(weight=self._place(name, np.asarray(value.weight)),
                               scales=self._place(name, np.asarray(value.scales)))
-        return self._place(name, np.asarray(value).astype(self.dtype))
+        if self.mesh is None:
+            return to_device(value, self.dtype)
+        return self._place(name, np.asarray(value).astype(self.dtype, copy=False))
 
     def _check(self, name: str, layer, value, where: str):
         """Exact shape (and dtype role) of one tensor against the config; raises naming source, got, expected."""
@@ -187,7 +218,7 @@ class ParamAssembler:
             st[0].put(slot, value.weight)
             st[1].put(slot, value.scales)
         else:
-            st.put(slot, np.asarray(value).astype(self.dtype))
+            st.put(slot, np.asarray(value))  # _Stack.put converts to its dtype as it copies
 
     def finish(self) -> dict:
         blocks = {}
