@@ -24,7 +24,11 @@ class KVCache:
     real: jax.Array      # [batch, slot] bool: the slot holds a real (non-pad) token
     pos: jax.Array       # [batch, slot] int32: the RoPE position of the slot's token
     step: jax.Array      # [batch] int32: the next slot to write
-    next_pos: jax.Array  # [batch] int32: the position the next token gets
+    #: [batch] int32: the position the next token gets. Position rule ``index``: it advances with every token
+    #: (so it equals ``step`` from an empty cache); a caller may start it below 0 so that slots filled with
+    #: bucket padding before a prompt do not shift the prompt's positions. ``real_count``: it advances with
+    #: real tokens only.
+    next_pos: jax.Array
 
     @classmethod
     def empty(cls, cfg, batch: int, size: int, dtype=jnp.float32) -> KVCache:

@@ -113,7 +113,7 @@ def build_masks(tokens, cfg, length=None, kv: KVCache | None = None) -> Masks:
         k_pos, meta = positions, None
     else:
         t = tokens.shape[1]
-        positions = positions_of(tokens, cfg, kv.step if cfg.position_rule == "index" else kv.next_pos)
+        positions = positions_of(tokens, cfg, kv.next_pos)
         slots_real = write_cache(kv.real, real, kv.step)
         k_pos = write_cache(kv.pos, positions, kv.step)
         q_slot = kv.step[:, None] + jnp.arange(t, dtype=jnp.int32)[None]                    # [b, t]
