@@ -28,7 +28,8 @@ def generate(model, prompt, max_new_tokens: int, *, temperature=1.0, top_p=1.0, 
     length).
 
     Sampling (:mod:`grokviz.generation.sampler`, the Grok-1 runner's order): ``temperature`` (>= 0; 0 =
-    greedy), ``top_p`` (in (0, 1]; 1 = off), ``top_k`` (in [0, vocab]; 0 = off), each a number or one per row.
+    greedy), ``top_p`` (in (0, 1]; 1 = off), ``top_k`` (in [0, vocab]; 0 = off; a top-k over tokens, not the
+    number of experts per token as in :meth:`grokviz.Model.run`), each a number or one per row.
     ``seed``: an int or one per row, in [0, 2**32). ``rng``: ``"default"`` or ``"grok1"``, the runner's key
     chain reproduced bit for bit (:mod:`grokviz.generation.keys`). ``stop``: None (stop at the model's EOS
     token), ``()`` (never stop, as the Grok-1 runner), a token id, a list of ids, or one list per row; a row
