@@ -8,6 +8,7 @@
 * :mod:`.attention_explorer`  AttentionExplorer
 * :mod:`.ablation_lab`        AblationLab
 * :mod:`.routing_flow`        RoutingFlow
+* :mod:`.generation_explorer` GenerationExplorer (figures in :mod:`.generation_figures`)
 * :mod:`.export`              export_html
 """
 
@@ -16,6 +17,7 @@ from . import theme as theme
 from .ablation_lab import AblationLab as AblationLab
 from .attention_explorer import AttentionExplorer as AttentionExplorer
 from .export import export_html as export_html
+from .generation_explorer import GenerationExplorer as GenerationExplorer
 from .load_dashboard import ExpertLoadDashboard as ExpertLoadDashboard
 from .routing_explorer import RoutingExplorer as RoutingExplorer
 from .routing_flow import RoutingFlow as RoutingFlow
