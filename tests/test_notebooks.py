@@ -1,5 +1,6 @@
 """Every notebook executes top to bottom (nbclient), and is committed with outputs stripped."""
 
+import importlib.util
 from pathlib import Path
 
 import nbformat
@@ -26,3 +27,14 @@ def test_notebook_executes(path):
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_generation_notebook_is_what_its_script_writes():
+    """notebooks/06_generation.ipynb is written by scripts/make_notebook_06.py: the two never drift apart."""
+    script = NB_DIR.parent / "scripts" / "make_notebook_06.py"
+    spec = importlib.util.spec_from_file_location("make_notebook_06", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    built = mod.build()
+    stored = nbformat.read(NB_DIR / "06_generation.ipynb", as_version=4)
+    assert [(c.cell_type, c.id, c.source) for c in stored.cells] == [(c.cell_type, c.id, c.source) for c in built.cells]

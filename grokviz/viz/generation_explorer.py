@@ -24,7 +24,7 @@ from .base import (
     split,
     sync,
 )
-from .generation_trace import ATTENTION, ROUTING, Trace, compare_html
+from .generation_trace import ATTENTION, Trace, compare_html
 from .scale import format_ids, parse_ids
 
 TOP_CHOICES = (8, 16, 32, 64)
@@ -63,7 +63,9 @@ class GenerationExplorer(View):
         if not isinstance(prompt, str) and (np.ndim(prompt) != 1 or np.asarray(prompt).dtype.kind not in "iu"):
             raise ValueError("GenerationExplorer shows one prompt: give text or token ids [seq]")
         self.prompt = prompt
-        self.capture = ROUTING + ((ATTENTION,) if attention else ())
+        # generate's "routing" set (a superset of what is drawn): the program a plain
+        # generate(..., capture=["routing", "blocks.attn.pattern"], stream=True) compiles serves the view too
+        self.capture = ("routing",) + ((ATTENTION,) if attention else ())
         self.gen_kwargs = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         self.max_new_tokens = max_new_tokens
         self._iv0 = interventions if interventions is not None else Interventions.none(self.cfg)
@@ -177,7 +179,7 @@ class GenerationExplorer(View):
         self.generations += 1
         try:
             result = self.model.generate(self.prompt, self.max_new_tokens, capture=list(self.capture),
-                                         interventions=iv, callback=sink,
+                                         interventions=iv, callback=sink,  # the streaming program either way
                                          **{**self.gen_kwargs, "seed": self.seed_field.value})
         finally:
             self._streaming = None

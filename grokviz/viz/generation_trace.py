@@ -8,7 +8,6 @@ import numpy as np
 
 from .scale import show_token
 
-ROUTING = ("blocks.moe.router_probs", "blocks.moe.top_k_experts", "blocks.moe.top_k_weights")
 ATTENTION = "blocks.attn.pattern"
 
 
