@@ -25,6 +25,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
+from ..config import is_real
 from ..model import KVCache, forward
 from . import keys as keys_mod
 from .sampler import TOP_CANDIDATES, sample
@@ -88,6 +89,10 @@ def _program(params, args: Traced, iv, patches, *, cfg, n_bucket, capture, rng, 
     b, width = args.prompt.shape
     fill = max(cfg.pad_token, 0)
     kv = KVCache.empty(cfg, b, width + n_bucket, jnp.float32)
+    if cfg.position_rule == "index":  # the left padding of the prompt bucket does not shift a row's positions:
+        # its first real token is at position 0, as in the Grok-1 runner (which right-pads each request alone)
+        first_real = jnp.argmax(is_real(args.prompt, cfg.pad_token), axis=1).astype(jnp.int32)
+        kv = dataclasses.replace(kv, next_pos=-first_real)
     pre = forward(params, args.prompt, cfg, capture=capture, interventions=iv, expert_impl=expert_impl, kv=kv)
     layouts = LAYOUTS.setdefault((cfg, capture), [dict(pre.layout), {}])
 
