@@ -92,7 +92,8 @@ def _wait_drawn(page, view, timeout, when=""):
     try:
         _wait(page, PLOTS_DRAWN, timeout, f"the plots of {view} to be drawn with their data{when}", view)
     except AssertionError as e:
-        raise AssertionError(f"{e}; plots: {page.evaluate(PLOT_STATE, view)}") from None
+        errors = [m for m in getattr(page, "gv_console", []) if not m.startswith("warning")][-8:]
+        raise AssertionError(f"{e}; plots: {page.evaluate(PLOT_STATE, view)}; console: {errors}") from None
 
 
 def _wait(page, predicate, timeout, what, arg=None):
@@ -194,6 +195,10 @@ def page(tmp_path_factory):
             try:
                 pg = ctx.pages[0] if ctx.pages else ctx.new_page()
                 pg.set_default_timeout(60_000)
+                pg.gv_console = []     # browser console errors and page errors, reported when a wait times out
+                pg.on("console", lambda m: m.type in ("error", "warning") and pg.gv_console.append(
+                    f"{m.type}: {m.text[:300]}"))
+                pg.on("pageerror", lambda e: pg.gv_console.append(f"pageerror: {str(e)[:300]}"))
                 pg.gv_lab = lab
                 yield pg
             finally:
@@ -284,11 +289,49 @@ def test_ablation_notebook_renders_and_checkbox_updates_plot(page):
     assert summary.inner_text().startswith("ablated (remove): nothing")
     box = lab.locator(".gv-ablation-checkbox input[type=checkbox]").first
     box.click()
-    _wait(page, "() => document.querySelector('.gv-ablation-lab .gv-ablation-summary')?.innerText.includes('L0E0')",
-          30, "the summary to list L0E0")
+    _wait(page, "() => document.querySelector('.gv-ablation-lab .gv-ablation-summary')?.innerText.includes('L0 E0')",
+          30, "the summary to list L0 E0")
+    _wait(page, "() => document.querySelector('.gv-ablation-lab .gv-ablation-experts input')?.value === '0'", 30,
+          "the expert field to follow the checkbox")
     _wait(page, f"(sel) => ({SIGNATURE})(sel) !== {json.dumps(before)}", 30, "the ablation plots to change",
           ".gv-ablation-lab")
     assert box.is_checked()
     _wait_drawn(page, ".gv-ablation-lab", 30, " after the change")
     shoot(page, lab, SHOTS / "03_ablation_lab_L0E0.png")
+    field = lab.locator(".gv-ablation-experts input")                  # the same lab driven by its text field
+    field.fill("0-1")
+    field.press("Enter")
+    _wait(page, "() => document.querySelector('.gv-ablation-lab .gv-ablation-summary')?.innerText.includes('L0 E0-1')",
+          30, "the summary to list L0 E0-1")
+    _wait(page, "() => document.querySelectorAll('.gv-ablation-lab .gv-ablation-checkbox input:checked').length === 2",
+          30, "the checkboxes to follow the expert field")
+    _wait_drawn(page, ".gv-ablation-lab", 30, " after typing")
     page.screenshot(path=str(SHOTS / "03_window.png"))
+
+
+def test_generation_notebook_renders_and_removal_updates_comparison(page):
+    cells = open_and_run(page, "06_generation.ipynb")
+    assert sum(c["widgets"] for c in cells) >= 2
+    view = ".gv-generation-explorer"
+    _wait_drawn(page, view, 60)
+    assert not page.evaluate(CLIPPED, view), "generation explorer plots wider than the notebook column"
+    explorer = page.locator(view).first
+    shoot(page, explorer, SHOTS / "06_generation_explorer.png")
+    first_titles = f"() => [...document.querySelector('{view}').querySelectorAll('.js-plotly-plot .gtitle')]"
+    assert page.evaluate(first_titles + ".some(e => e.textContent.startsWith('Layer 0: prompt'))")
+    before = page.evaluate(SIGNATURE, view)
+    handle = explorer.locator(".gv-gen-layer .noUi-handle")
+    handle.focus()
+    page.keyboard.press("ArrowRight")
+    _wait(page, first_titles + ".some(e => e.textContent.startsWith('Layer 1: prompt'))", 30,
+          "the strip title to show layer 1")
+    _wait(page, f"(sel) => ({SIGNATURE})(sel) !== {json.dumps(before)}", 30, "the plot data to change", view)
+    field = explorer.locator(".gv-gen-remove input")                   # regenerate with expert 0 out at layer 1
+    field.fill("0")
+    field.press("Enter")
+    _wait(page, first_titles + ".some(e => e.textContent.startsWith('Continuations with') && "
+                               "e.textContent.includes('L1 E0'))", 90, "the comparison to show L1 E0 removed")
+    _wait(page, f"() => document.querySelector('{view} .gv-gen-compare')?.innerText.includes('L1 E0 removed')", 30,
+          "the side-by-side text to name the removal")
+    _wait_drawn(page, view, 30, " after the removal")
+    shoot(page, explorer, SHOTS / "06_generation_explorer_removed.png")

@@ -1,6 +1,8 @@
 """The views at scale: 128 experts, top-8, a dense MLP layer among the MoE layers (layer 1 of 4). Each view is
 driven through its controls and its figures' data is checked against the capture."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -178,3 +180,30 @@ def test_views_stay_legible_at_64_layers(model):
             assert (fw.layout.height or 0) <= 900
     flow = viz.RoutingFlow(run)
     assert flow.fig.layout.title.text.startswith("First-choice routing flow, layers 1\u20139 (MoE layers only)")
+
+
+def _wire(obj):
+    """``obj`` as plotly's widget serializer sends it: JSON, with binary buffers that must be C-contiguous."""
+    if isinstance(obj, dict) and "buffer" in obj:
+        assert obj["buffer"].c_contiguous
+        return obj["buffer"].nbytes
+    if isinstance(obj, dict):
+        return {k: _wire(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_wire(v) for v in obj]
+    return obj
+
+
+def test_widget_messages_at_scale_are_strict_json_and_bounded(model, tokens, run):
+    """What the FigureWidgets of each view send (dense-layer gaps included) is strict JSON, and a 128-expert
+    view stays well under a megabyte."""
+    from plotly.serializers import _py_to_js
+
+    lab = viz.AblationLab(model, tokens)
+    lab.set_experts(2, "0-9")
+    for view in (viz.RoutingExplorer(run), viz.ExpertLoadDashboard(run), viz.RoutingFlow(run), lab):
+        size = 0
+        for fw in view.figures:
+            for part in (fw._widget_data, fw._widget_layout):
+                size += len(json.dumps(_wire(_py_to_js(part, None)), allow_nan=False))
+        assert size < 400_000, (type(view).__name__, size)

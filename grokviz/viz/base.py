@@ -72,8 +72,11 @@ def routing_layers(run: Run, name: str = "blocks.moe.top_k_experts") -> tuple[li
     return rows, L
 
 
-def moe_layer_slider(cls: str, rows: list[int], value: int, width: int = 420) -> W.SelectionSlider:
-    """A slider over the MoE layers' real numbers (dense layers have no routing to show)."""
+def moe_layer_slider(cls: str, rows: list[int], value: int, width: int = 420):
+    """A slider over the MoE layers' real numbers (dense layers have no routing to show): an IntSlider when
+    every layer routes, a SelectionSlider over the MoE layer numbers otherwise. ``.value`` is the layer number."""
+    if rows == list(range(len(rows))):
+        return slider(cls, "layer", 0, len(rows) - 1, value, width)
     s = W.SelectionSlider(options=[(str(l), l) for l in rows], value=value, description="layer",
                           continuous_update=False, layout=W.Layout(width=f"{width}px"))
     s.add_class(cls)

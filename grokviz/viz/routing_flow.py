@@ -46,10 +46,14 @@ class RoutingFlow(View):
             raise ValueError(f"top={top!r} must be 0 (all experts) or one of {choices} (fewer than {E} experts)")
         self._init_view()
         self.state = FlowState(a, b, top)
-        opts = [(str(l), l) for l in self.layers]
-        self.range_slider = W.SelectionRangeSlider(options=opts, index=(self.layers.index(a), self.layers.index(b)),
-                                                   description="layers", continuous_update=False,
-                                                   layout=W.Layout(width="420px"))
+        if self.layers == list(range(len(self.layers))):
+            self.range_slider = W.IntRangeSlider(value=(a, b), min=0, max=len(self.layers) - 1,
+                                                 description="layers", continuous_update=False,
+                                                 layout=W.Layout(width="420px"))
+        else:                                 # dense layers among them: step over the MoE layers' numbers
+            self.range_slider = W.SelectionRangeSlider(options=[(str(l), l) for l in self.layers], value=(a, b),
+                                                       description="layers", continuous_update=False,
+                                                       layout=W.Layout(width="420px"))
         self.range_slider.add_class("gv-flow-range")
         self.top_select = W.Dropdown(options=[(f"all {E}", 0)] + [(f"top {t}", t) for t in choices], value=top,
                                      description="experts", layout=W.Layout(width="200px",
@@ -63,10 +67,10 @@ class RoutingFlow(View):
                       self.fig], "gv-routing-flow", width)
 
     def _on_range(self, change) -> None:
-        i, j = self.range_slider.index
+        i, j = (self.layers.index(int(v)) for v in self.range_slider.value)
         if j <= i:  # a flow needs two layers: widen the range (that change draws)
-            n = len(self.layers)
-            self.range_slider.index = (i, i + 1) if i + 1 < n else (i - 1, i)
+            i, j = (i, i + 1) if i + 1 < len(self.layers) else (i - 1, i)
+            self.range_slider.value = (self.layers[i], self.layers[j])
             return
         self.state.first_layer, self.state.last_layer = self.layers[i], self.layers[j]
         self._changed("flow")
@@ -78,7 +82,7 @@ class RoutingFlow(View):
     def set_layers(self, first: int, last: int) -> None:
         a = check_moe_layer("first", first, self.layers, self.num_layers)
         b = check_moe_layer("last", last, self.layers, self.num_layers)
-        self.range_slider.index = (self.layers.index(a), self.layers.index(b))
+        self.range_slider.value = (a, b)
 
     def _sankey(self):
         s = self.state
