@@ -271,7 +271,9 @@ interactive ablation is fast."""),
     MODEL_CODE,
     md("""
 ## The ablation lab
-Tick experts (rows are layers) or attention heads. Each change re-runs the model and shows:
+Pick a layer, then the experts or attention heads to ablate there: tick their boxes, or type a list with
+ranges (`3, 17, 90-95`), which works the same for a model with 128 experts. Each change re-runs the model and
+shows:
 the next-token distribution after the last token (baseline in grey), the loss and KL divergence, and where the
 first-choice routing changed. **remove** takes the expert out of the router's choice (tokens fall back to their
 next choice, keeping its probability as gate); **zero output** keeps the routing and multiplies the expert's
