@@ -177,10 +177,13 @@ class GenerationExplorer(View):
                     sync(self.timeline_fig, self._timeline_pending())
 
         self.generations += 1
+        # the program runs on generate's worker thread; its events are drawn here, on the kernel's thread
+        stream = self.model.generate(self.prompt, self.max_new_tokens, capture=list(self.capture), interventions=iv,
+                                     stream=True, **{**self.gen_kwargs, "seed": self.seed_field.value})
         try:
-            result = self.model.generate(self.prompt, self.max_new_tokens, capture=list(self.capture),
-                                         interventions=iv, callback=sink,  # the streaming program either way
-                                         **{**self.gen_kwargs, "seed": self.seed_field.value})
+            for event in stream:
+                sink(event)
+            result = stream.result()
         finally:
             self._streaming = None
         return Trace(result, self.cfg, self._piece)
