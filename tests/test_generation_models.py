@@ -104,6 +104,16 @@ def test_streaming_yields_each_token_as_produced(tiny):
     np.testing.assert_array_equal(stream.result().tokens, res.tokens)
     with pytest.raises(ValueError, match="temperature"):  # refused at the call, not at the first token
         tiny.generate(TEXTS[0], 8, stream=True, temperature=-1)
+    assert all(e.experts is None for e in events)  # nothing routed was captured
+
+
+def test_streamed_events_carry_each_tokens_routing_when_captured(tiny):
+    seen = []
+    res = tiny.generate(TEXTS[0], 6, temperature=0.7, seed=5, capture="routing", callback=seen.append)
+    n = len(seen)
+    assert n == int(res.lengths[0])
+    np.testing.assert_array_equal(np.stack([e.experts for e in seen]), res.steps["blocks.moe.top_k_experts"][:n])
+    np.testing.assert_allclose(np.stack([e.gates for e in seen]), res.steps["blocks.moe.top_k_weights"][:n])
 
 
 def test_cli_generate_prints_text_and_routing(tiny, capsys):

@@ -131,13 +131,17 @@ def _program(params, args: Traced, iv, patches, *, cfg, n_bucket, capture, rng, 
                        top_ids=at(o.top_ids, s.top_ids), top_probs=at(o.top_probs, s.top_probs),
                        logprob=at(o.logprob, s.logprob), top_logprobs=at(o.top_logprobs, s.top_logprobs),
                        logits=at(o.logits, logits) if keep_logits else None, steps_run=i + 1)
-        if stream:
+        routed = "blocks.moe.top_k_experts" in capture
+        if stream and not routed:
             emit(args.call_id, i, token, alive, s.prob, s.logprob)
         alive_next = alive & ~jnp.any(s.token[:, None] == args.stop, axis=-1)
         if capture:  # token i's own computation is wanted even when nothing follows it
             logits, caps, kv = decode(o.kv, token, i)
             cache = {k: jax.lax.dynamic_update_index_in_dim(o.step_cache[k], v, i, 0) for k, v in caps.items()}
             o = o._replace(step_cache=cache, kv=kv)
+            if stream and routed:  # the token's routing goes out with it, so a view can draw it live
+                emit(args.call_id, i, token, alive, s.prob, s.logprob, caps["blocks.moe.top_k_experts"],
+                     caps.get("blocks.moe.top_k_weights"))
         else:  # skip the model call whose logits nobody samples from
             logits, kv = jax.lax.cond((i + 1 < args.n) & jnp.any(alive_next),
                                       lambda: decode(o.kv, token, i)[::2], lambda: (logits, o.kv))

@@ -1,6 +1,7 @@
 """Streaming: each token reaches the host as the compiled loop produces it, without leaving the loop.
 
-Inside the loop an ordered ``io_callback`` sends (call id, step, tokens, alive, prob, logprob) to
+Inside the loop an ordered ``io_callback`` sends (call id, step, tokens, alive, prob, logprob, and the token's
+selected experts when routing is captured) to
 :func:`_dispatch`, which hands a :class:`StepEvent` to the sink registered for that call id. The call id is a
 traced argument, so one compiled program serves every callback; the callback is compiled in only when
 streaming is asked for (``stream=True`` or ``callback=``), and costs one device-to-host copy of a few
@@ -29,6 +30,10 @@ class StepEvent(typing.NamedTuple):
     alive: np.ndarray     # bool [batch]: the row had not stopped before this token
     prob: np.ndarray      # float32 [batch]: sampler probability of the token
     logprob: np.ndarray   # float32 [batch]: the model's log-probability of the token
+    #: int32 [moe layer, batch, k]: the experts the token was routed to (when routing is captured, else None)
+    experts: np.ndarray | None = None
+    #: float32 [moe layer, batch, k]: their gates (when ``blocks.moe.top_k_weights`` is captured, else None)
+    gates: np.ndarray | None = None
 
 
 _SINKS: dict[int, tuple[typing.Callable, int]] = {}  # call id -> (sink, max_new_tokens)
@@ -49,16 +54,20 @@ def unregister(call_id: int) -> None:
         _SINKS.pop(call_id, None)
 
 
-def _dispatch(call_id, step, tokens, alive, prob, logprob):
+def _dispatch(call_id, step, tokens, alive, prob, logprob, experts=None, gates=None):
     entry = _SINKS.get(int(call_id))
     if entry is not None and int(step) < entry[1]:
         entry[0](StepEvent(int(step), np.asarray(tokens), np.asarray(alive), np.asarray(prob),
-                           np.asarray(logprob)))
+                           np.asarray(logprob), None if experts is None else np.asarray(experts),
+                           None if gates is None else np.asarray(gates)))
 
 
-def emit(call_id, step, tokens, alive, prob, logprob) -> None:
-    """Traced: send one step to the host (see the module docstring)."""
-    io_callback(_dispatch, None, call_id, step, tokens, alive, prob, logprob, ordered=True)
+def emit(call_id, step, tokens, alive, prob, logprob, experts=None, gates=None) -> None:
+    """Traced: send one step to the host (see the module docstring); ``experts``, ``gates``: the token's
+    routing (optional)."""
+    args = (call_id, step, tokens, alive, prob, logprob)
+    args += () if experts is None else (experts,) if gates is None else (experts, gates)
+    io_callback(_dispatch, None, *args, ordered=True)
 
 
 _DONE = object()

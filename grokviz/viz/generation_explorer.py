@@ -113,6 +113,8 @@ class GenerationExplorer(View):
         self.compare_html.add_class("gv-gen-compare")
         self.traces: dict[str, Trace] = {}
         self._partial: list[int] = []
+        self._partial_first: list[np.ndarray] = []   # per arrived token: first-choice expert per MoE layer
+        self._partial_gate: list[np.ndarray] = []
         self._last_draw = 0.0
         self.strip_fig = figure_widget(self._strip_pending(), width - 8)
         self.timeline_fig = figure_widget(self._timeline_pending(), w_a)
@@ -157,13 +159,17 @@ class GenerationExplorer(View):
 
     # --- generation ---
     def _generate(self, iv: Interventions, which: str) -> Trace:
-        self._partial, self._last_draw = [], 0.0
+        self._partial, self._partial_first, self._partial_gate, self._last_draw = [], [], [], 0.0
         self._streaming = which
 
         def sink(event):
             if not bool(event.alive[0]):
                 return
             self._partial.append(int(event.tokens[0]))
+            if event.experts is not None:  # the token's first-choice expert per MoE layer, drawn as it arrives
+                self._partial_first.append(np.asarray(event.experts)[:, 0, 0])
+                self._partial_gate.append(np.zeros(len(self.layers)) if event.gates is None
+                                          else np.asarray(event.gates)[:, 0, 0])
             self.status.value = self._status_streaming(which)
             now = time.perf_counter()
             if self.stream and (now - self._last_draw >= self.min_interval
@@ -359,12 +365,21 @@ class GenerationExplorer(View):
     def _strip_pending(self):
         ids = self._prompt_ids() + list(self._partial)
         n_p = len(ids) - len(self._partial)
-        return G.token_strip([self._piece(i) for i in ids], np.full(len(ids), -1), np.zeros(len(ids)), n_p,
+        first, gate = np.full(len(ids), -1), np.zeros(len(ids))
+        if self._partial_first:  # generated tokens whose routing has arrived are coloured already
+            li = self.layers.index(self.state.layer)
+            first[n_p:n_p + len(self._partial_first)] = [f[li] for f in self._partial_first]
+            gate[n_p:n_p + len(self._partial_gate)] = [g[li] for g in self._partial_gate]
+        return G.token_strip([self._piece(i) for i in ids], first, gate, n_p,
                              self.state.layer, self.cfg.num_experts, total=n_p + self.max_new_tokens, cols=self.cols)
 
     def _timeline_pending(self):
         n = len(self._partial)
-        return G.routing_timeline(np.full((len(self.layers), n), -1), np.zeros((len(self.layers), n)),
+        first, gates = np.full((len(self.layers), n), -1), np.zeros((len(self.layers), n))
+        if self._partial_first:
+            first[:, :len(self._partial_first)] = np.stack(self._partial_first, axis=1)
+            gates[:, :len(self._partial_gate)] = np.stack(self._partial_gate, axis=1)
+        return G.routing_timeline(first, gates,
                                   [self._piece(i) for i in self._partial], self.cfg.num_experts,
                                   steps=self.max_new_tokens, layers=self.layers, num_layers=self.num_layers,
                                   layer=self.state.layer)
