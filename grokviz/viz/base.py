@@ -55,6 +55,13 @@ def check_index(name: str, value, n: int, what: str) -> int:
     return int(value)
 
 
+def shown(widget, when) -> list:
+    """``[widget]`` when ``when`` holds, else ``[]``: a control with nothing to choose is left out of its row
+    (kept as an attribute, so code and tests can still read it). Hiding it with ``Layout(display="none")``
+    instead left the view's plots undrawn in JupyterLab (the browser test)."""
+    return [widget] if when else []
+
+
 def routing_layers(run: Run, name: str = "blocks.moe.top_k_experts") -> tuple[list[int], int]:
     """(the layer number of each row of routing capture ``name``, the model's layer count). Routing hooks come
     from the MoE layers only; the cache says which (``layers_of``), else every layer routes."""

@@ -20,6 +20,7 @@ from .base import (
     figure_widget,
     flex_row,
     moe_layer_slider,
+    shown,
     slider,
     split,
     sync,
@@ -90,11 +91,10 @@ class GenerationExplorer(View):
         self.layer_slider = moe_layer_slider("gv-gen-layer", self.layers, layer, width=340)
         self.token_slider = slider("gv-gen-token", "token", 0, 1, 0, width=340)
         self.top_select = W.Dropdown(options=[(f"all {E}", 0)] + [(f"top {t}", t) for t in choices], value=top,
-                                     description="experts", layout=W.Layout(width="180px",
-                                                                            display=None if choices else "none"))
+                                     description="experts", layout=W.Layout(width="180px"))
         heads = [("mean", -1)] + [(f"h{h}", h) for h in range(self.cfg.num_q_heads)]
         self.head_select = W.Dropdown(options=heads, value=-1, description="head",
-                                      layout=W.Layout(width="150px", display=None if attention else "none"))
+                                      layout=W.Layout(width="150px"))
         self.remove_field = W.Text(value="", description="remove", placeholder="experts at this layer: 3, 17, 90-95",
                                    continuous_update=False, layout=W.Layout(width="360px"))
         self.remove_field.add_class("gv-gen-remove")
@@ -120,7 +120,8 @@ class GenerationExplorer(View):
         self.timeline_fig = figure_widget(self._timeline_pending(), w_a)
         self.figures = [self.strip_fig, self.timeline_fig]
         self.html_parts = [self.status, self.compare_html]
-        self._finish([W.HBox([self.layer_slider, self.token_slider, self.top_select, self.head_select],
+        self._finish([W.HBox([self.layer_slider, self.token_slider, *shown(self.top_select, choices),
+                              *shown(self.head_select, attention)],
                              layout=W.Layout(flex_flow="row wrap")), self.status, self.strip_fig],
                      "gv-generation-explorer", width)
         # the first generation streams into the strip and the timeline, which are already in the view
@@ -149,7 +150,8 @@ class GenerationExplorer(View):
         self.reset_button.on_click(lambda _: self.reset())
         self.strip_fig.data[0].on_click(self._click_strip)
         self.timeline_fig.data[0].on_click(self._click_timeline)
-        self.children = (W.HBox([self.layer_slider, self.token_slider, self.top_select, self.head_select,
+        self.children = (W.HBox([self.layer_slider, self.token_slider, *shown(self.top_select, choices),
+                                 *shown(self.head_select, attention),
                                  self.seed_field], layout=W.Layout(flex_flow="row wrap")), self.status, self.strip_fig,
                          flex_row([self.timeline_fig, self.probs_fig], width),
                          flex_row([self.attn_fig, self.load_fig], width),

@@ -18,6 +18,7 @@ from .base import (
     get_run,
     moe_layer_slider,
     routing_layers,
+    shown,
     split,
     sync,
 )
@@ -64,8 +65,7 @@ class ExpertLoadDashboard(View):
         self.state = LoadState(layer=layer, top=top, order=order)
         self.layer_slider = moe_layer_slider("gv-load-layer-slider", self.layers, layer)
         self.top_select = W.Dropdown(options=[(f"all {E}", 0)] + [(f"top {t}", t) for t in choices], value=top,
-                                     description="experts", layout=W.Layout(width="200px",
-                                                                            display=None if choices else "none"))
+                                     description="experts", layout=W.Layout(width="200px"))
         self.top_select.add_class("gv-load-top")
         self.order_select = W.Dropdown(options=[(ORDER_LABELS[o], o) for o in ORDERS], value=order,
                                        description="order", layout=W.Layout(width="220px"))
@@ -83,7 +83,7 @@ class ExpertLoadDashboard(View):
         for w in (self.layer_slider, self.top_select, self.order_select):
             w.observe(self._on_control, names="value")
         self.heatmap_fig.data[0].on_click(lambda trace, points, _: points.ys and self._clicked(int(points.ys[0])))
-        self._finish([W.HBox([self.layer_slider, self.top_select, self.order_select],
+        self._finish([W.HBox([self.layer_slider, *shown(self.top_select, choices), self.order_select],
                              layout=W.Layout(flex_flow="row wrap")),
                       flex_row([self.heatmap_fig, self.rates_fig], width),
                       flex_row([self.bars_fig, self.coact_fig], width)], "gv-load-dashboard", width)

@@ -20,6 +20,7 @@ from .base import (
     moe_layer_slider,
     real_positions,
     routing_layers,
+    shown,
     slider,
     split,
     sync,
@@ -66,8 +67,7 @@ class RoutingExplorer(View):
         self.layer_slider = moe_layer_slider("gv-layer-slider", self.layers, layer)
         self.token_slider = slider("gv-token-slider", "token", 0, n - 1, token)
         self.top_select = W.Dropdown(options=[(f"all {E}", 0)] + [(f"top {t}", t) for t in choices], value=top,
-                                     description="experts", layout=W.Layout(width="200px",
-                                                                            display=None if choices else "none"))
+                                     description="experts", layout=W.Layout(width="200px"))
         self.top_select.add_class("gv-top-experts")
         self.chips = W.HTML(self._chips())
         self.chips.add_class("gv-token-chips")
@@ -81,7 +81,7 @@ class RoutingExplorer(View):
         self.token_slider.observe(self._on_token, names="value")
         self.top_select.observe(self._on_top, names="value")
         self.grid_fig.data[0].on_click(lambda trace, points, _: points.xs and self.set_token(int(points.xs[0])))
-        self._finish([W.HBox([self.layer_slider, self.token_slider, self.top_select],
+        self._finish([W.HBox([self.layer_slider, self.token_slider, *shown(self.top_select, choices)],
                              layout=W.Layout(flex_flow="row wrap")),
                       self.chips, self.strip_fig, flex_row([self.grid_fig, self.probs_fig], width)],
                      "gv-routing-explorer", width)

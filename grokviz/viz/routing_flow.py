@@ -9,7 +9,7 @@ import numpy as np
 
 from ..analysis import routing as ra
 from . import figures as F
-from .base import COLUMN_WIDTH, View, check_moe_layer, figure_widget, get_run, routing_layers, sync
+from .base import COLUMN_WIDTH, View, check_moe_layer, figure_widget, get_run, routing_layers, shown, sync
 
 TOP_CHOICES = (4, 8, 12, 16, 32)
 
@@ -56,14 +56,14 @@ class RoutingFlow(View):
                                                        layout=W.Layout(width="420px"))
         self.range_slider.add_class("gv-flow-range")
         self.top_select = W.Dropdown(options=[(f"all {E}", 0)] + [(f"top {t}", t) for t in choices], value=top,
-                                     description="experts", layout=W.Layout(width="200px",
-                                                                            display=None if choices else "none"))
+                                     description="experts", layout=W.Layout(width="200px"))
         self.top_select.add_class("gv-flow-top")
         self.range_slider.observe(self._on_range, names="value")
         self.top_select.observe(self._on_top, names="value")
         self.fig = figure_widget(self._sankey(), width - 8)
         self.figures = [self.fig]
-        self._finish([W.HBox([self.range_slider, self.top_select], layout=W.Layout(flex_flow="row wrap")),
+        self._finish([W.HBox([self.range_slider, *shown(self.top_select, choices)],
+                             layout=W.Layout(flex_flow="row wrap")),
                       self.fig], "gv-routing-flow", width)
 
     def _on_range(self, change) -> None:
