@@ -223,3 +223,27 @@ def test_chunked_long_attention_keeps_sinks_and_windows():
     chunked = fwd(params, jnp.asarray(toks), cfg)
     full = fwd(params, jnp.asarray(toks), cfg, capture=frozenset({"blocks.attn.logits"}))  # forces the full map
     np.testing.assert_allclose(np.asarray(chunked.logits)[0, 20:], np.asarray(full.logits)[0, 20:], atol=2e-5)
+
+
+def test_dla_and_zero_sweep_with_a_dense_layer_and_a_shared_expert():
+    """The analysis helpers re-form writes with the model's own parts: DLA sums to the logit with a dense layer,
+    a shared expert and the MoE captures stacked over the MoE layers only; an expert sweep skips dense layers."""
+    from grokviz import analysis as A
+    from grokviz.analysis.attribution import DLA_CAPTURE, dla_components
+
+    cfg, params = family_model("qwen2_moe")  # layer 0 dense, layer 1 MoE with a shared expert
+    model = gv.Model(cfg, params, bucket=False)
+    toks = tokens(cfg)
+    run = model.run(toks, capture=DLA_CAPTURE)
+    comp = dla_components(params, cfg, run.cache, 7)
+    real = toks != cfg.pad_token
+    np.testing.assert_allclose(comp["total"][real], run.logits[..., 7][real], atol=1e-4)
+    assert comp["experts"].shape[0] == 1 and np.abs(comp["other"][0]).max() > 0  # the dense MLP's share
+    df = A.ablation_sweep(model, toks, mode="zero", chunk=4)
+    assert sorted(set(df.layer)) == [1]
+    iv = gv.Interventions.none(cfg).zero_expert(1, 2)
+    want = A.next_token_loss(model.run(toks, interventions=iv).logits, toks, cfg.pad_token)
+    got = df[df.expert == 2].loss.iloc[0]
+    assert got == pytest.approx(float(want), rel=1e-4)
+    with pytest.raises(ValueError, match="dense MLP layer"):
+        A.ablation_sweep(model, toks, layers=[0])

@@ -189,8 +189,9 @@ def test_residual_patch_from_another_run_reproduces_it_downstream(fam):
 
 
 # ----------------------------------------------------------------------------------------------- analysis helpers
-#: the known-broken helpers are tried on two pre-norm families (one with a shared expert) to keep the suite fast
-XFAIL_FAMILIES = ("mixtral", "qwen2_moe")
+#: the zero-ablation sweep re-forms the MoE write itself: tried on a pre-norm family with a shared expert and on
+#: Granite (residual multiplier), the two cases it once got wrong, to keep the suite fast
+ZERO_SWEEP_FAMILIES = ("qwen2_moe", "granitemoe")
 
 
 def _loss_kl(fam, run):
@@ -207,11 +208,7 @@ def _sweep_row(df, unit_col, unit):
     return float(row.loss.iloc[0]), float(row.kl.iloc[0])
 
 
-@pytest.mark.parametrize("fam", XFAIL_FAMILIES, indirect=True)
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="grokviz/analysis/patching.py _sweep_zero_experts (the mode='zero' fast path) re-applies "
-                          "params['blocks']['moe_post_norm'], which pre-norm families do not have (and it drops "
-                          "the residual multiplier and the Qwen2-MoE shared expert)")
+@pytest.mark.parametrize("fam", ZERO_SWEEP_FAMILIES, indirect=True)
 def test_zero_ablation_sweep_matches_a_separate_run(fam):
     df = A.ablation_sweep(fam.model, fam.tokens, mode="zero", layers=[LAYER], chunk=4)
     run = fam.model.run(fam.tokens, capture=CAP, interventions=fam.none.zero_expert(LAYER, fam.expert))
@@ -279,12 +276,6 @@ def test_logit_lens_reads_out_with_the_family_head(fam):
     assert df.loss.notna().all() and len(df) == 3 * fam.cfg.num_layers + 1
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="grokviz/analysis/attribution.py dla_components (and so direct_logit_attribution) "
-                          "linearises Grok's sandwich post-norms (params['blocks']['moe_post_norm'] / "
-                          "['attn_post_norm']) and reads out with the tied embedding; pre-norm families have neither "
-                          "post-norm, and Mixtral/OLMoE/Qwen/gpt-oss are untied (the shared expert, attention output "
-                          "bias and residual multiplier are not attributed either)")
 def test_direct_logit_attribution_sums_to_the_logit(fam):
     # dla_components on the captures of the baseline run (they include DLA_CAPTURE): no compile of its own
     comp = A.attribution.dla_components(fam.model.params, fam.cfg, fam.base.cache, TARGET)

@@ -1,7 +1,7 @@
 """Logit lens and direct logit attribution (DLA).
 
 **Logit lens.** Apply the model's own readout (:func:`grokviz.model.unembed`: final ``rms_norm`` with its learned
-scale, then the tied unembedding times the output multiplier) to an intermediate residual stream
+scale, then the unembedding times the output multiplier) to an intermediate residual stream
 (``resid_pre``/``resid_mid``/``resid_post`` of each layer), as if the remaining layers were skipped.
 
 **Direct logit attribution, and the linearisation it uses.** Grok's blocks are sandwich-normed: each sublayer's
@@ -15,9 +15,13 @@ at its value in the actual run. With ``r_3`` (the MoE post-norm, which follows t
 * the token embedding (``embed.out``) is the remaining term;
 * a component ``c``'s direct effect on the logit of token v is ``om * r_f * (g_f * c) . E[v]``.
 
-These contributions sum *exactly* to the model's logit (the residual stream is the sum of the writes), which the
-tests check. They are direct effects only: what a component does through later layers is not included, and the
-frozen ``r`` hide how the norms would rescale if a component were removed (use the ablation sweeps for that).
+The other families pre-norm their sublayers, so their writes are already linear (times Granite's residual
+multiplier) and only ``r_f`` is frozen; their extra writes (the attention output bias of gpt-oss, Qwen1.5-MoE's
+shared expert, the MLP of a dense layer) are reported per layer as ``other``, and the readout uses the untied
+``lm_head`` where the family has one. These contributions sum *exactly* to the model's logit (the residual
+stream is the sum of the writes), which the tests check. They are direct effects only: what a component does
+through later layers is not included, and the frozen ``r`` hide how the norms would rescale if a component were
+removed (use the ablation sweeps for that).
 """
 
 from __future__ import annotations
@@ -140,14 +144,26 @@ def _rscale(x, eps):
     return jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps)
 
 
+def _write_factor(out, scale, cfg):
+    """The per-token factor [layer, b, t, d or 1] that turns a sublayer's output into its residual write (see
+    :func:`grokviz.model.block.sublayer_write`), with Grok's post-norm scalar ``r`` frozen at its value in the run:
+    ``g * r`` (sandwich) or the residual multiplier (pre-norm)."""
+    if cfg.sandwich:
+        return scale.astype(jnp.float32)[:, None, None, :] * _rscale(out, cfg.rms_eps)
+    return jnp.full(out.shape[:3] + (1,), cfg.residual_multiplier, jnp.float32)
+
+
 def dla_components(params, cfg, cache, target, foil=None) -> dict:
     """Direct contributions to ``logit[target]`` (or ``logit[target] - logit[foil]``) at every position.
 
     ``cache``: captures :data:`DLA_CAPTURE` of an intervention-free run; ``target``/``foil``: int [batch, seq]
     token ids (or scalars). Returns numpy arrays: ``embed`` [batch, seq], ``heads`` [layer, batch, seq, head],
-    ``experts`` [layer, batch, seq, k] (slot order of ``top_k_experts``), ``total`` [batch, seq] (their sum,
-    which equals the model's logit / logit difference)."""
-    emb = dense(params["embed"], jnp.float32)
+    ``experts`` [MoE layer, batch, seq, k] (slot order of ``top_k_experts``; the MoE layers are
+    ``cfg.moe_layer_ids``), ``other`` [layer, batch, seq]: the rest of each layer's writes (the attention output
+    bias, a shared expert, a dense layer's MLP; 0 in Grok), and ``total`` [batch, seq] (their sum, which equals
+    the model's logit / logit difference)."""
+    table = params["embed"] if cfg.tie_embeddings else params["unembed"]
+    emb = dense(table, jnp.float32)
     b = cfg.output_multiplier * params["final_norm"].astype(jnp.float32)
     h_final = jnp.asarray(cache["blocks.resid_post"])[-1]
     shape = h_final.shape[:2]
@@ -155,29 +171,36 @@ def dla_components(params, cfg, cache, target, foil=None) -> dict:
     u = emb[tgt] if foil is None else emb[tgt] - emb[jnp.broadcast_to(jnp.asarray(foil), shape)]
     u = u * b * _rscale(h_final, cfg.rms_eps)  # [batch, seq, d]: the frozen readout direction
     p = params["blocks"]
+    L, moe_ids = cfg.num_layers, list(cfg.moe_layer_ids)
 
-    moe_r = _rscale(jnp.asarray(cache["blocks.moe.out"]), cfg.rms_eps)  # [l,b,t,1]
+    moe_out = jnp.asarray(cache["blocks.moe.out"])                                   # [l,b,t,d]
+    moe_dir = _write_factor(moe_out, p.get("moe_post_norm"), cfg) * u[None]           # [l,b,t,d]
     gated = jnp.asarray(cache["blocks.moe.expert_out"]) * jnp.asarray(cache["blocks.moe.top_k_weights"])[..., None]
-    g3 = p["moe_post_norm"].astype(jnp.float32)[:, None, None, None, :]
-    experts = jnp.einsum("lbtkd,btd->lbtk", gated * g3 * moe_r[..., None, :], u)
+    experts = jnp.einsum("lbtkd,lbtd->lbtk", gated, moe_dir[jnp.asarray(moe_ids)])
+    # whatever the layer's MoE output holds beyond its routed experts: a shared expert, or a dense layer's MLP
+    routed = jnp.zeros_like(moe_out).at[jnp.asarray(moe_ids)].set(gated.sum(3))
+    other = jnp.einsum("lbtd,lbtd->lbt", moe_out - routed, moe_dir)
 
-    attn_r = _rscale(jnp.asarray(cache["blocks.attn.out"]), cfg.rms_eps)  # [l,b,t,1]
-    head_out = jnp.asarray(cache["blocks.attn.head_out"])  # [l,b,t,h,hd]
-    w_o = dense(p["w_o"], jnp.float32).reshape(cfg.num_layers, cfg.num_q_heads, cfg.head_dim, cfg.d_model)
-    g2 = p["attn_post_norm"].astype(jnp.float32)[:, None, None, :]
-    heads = jnp.einsum("lbthe,lhed,lbtd->lbth", head_out, w_o, g2 * attn_r * u[None])
+    attn_out = jnp.asarray(cache["blocks.attn.out"])                                 # [l,b,t,d]
+    attn_dir = _write_factor(attn_out, p.get("attn_post_norm"), cfg) * u[None]
+    head_out = jnp.asarray(cache["blocks.attn.head_out"])                            # [l,b,t,h,hd]
+    w_o = dense(p["w_o"], jnp.float32).reshape(L, cfg.num_q_heads, cfg.head_dim, cfg.d_model)
+    heads = jnp.einsum("lbthe,lhed,lbtd->lbth", head_out, w_o, attn_dir)
+    if cfg.o_bias:
+        other = other + jnp.einsum("ld,lbtd->lbt", p["b_o"].astype(jnp.float32), attn_dir)
 
     embed = jnp.einsum("btd,btd->bt", jnp.asarray(cache["embed.out"]), u)
-    total = embed + heads.sum((0, 3)) + experts.sum((0, 3))
+    total = embed + heads.sum((0, 3)) + experts.sum((0, 3)) + other.sum(0)
     return {k: np.asarray(v) for k, v in
-            dict(embed=embed, heads=heads, experts=experts, total=total).items()}
+            dict(embed=embed, heads=heads, experts=experts, other=other, total=total).items()}
 
 
 def direct_logit_attribution(model, tokens, target, *, row: int = 0, position: int = -1, foil=None) -> pd.DataFrame:
     """DLA table at one position (default: the row's last real token): one row per component.
 
-    Columns: component ("embed", "head", "expert"), layer (-1 for embed), unit (head or expert id), slot (the
-    expert's rank in the token's top-k; -1 otherwise), gate (the expert's un-renormalised gate), contribution
+    Columns: component ("embed", "head", "expert"; and per layer "bias" (attention output bias), "shared"
+    (shared expert) or "mlp" (a dense layer) where the family has them), layer (-1 for embed), unit (head or
+    expert id), slot (the expert's rank in the token's top-k; -1 otherwise), gate (the gate applied), contribution
     (to ``logit[target]``, or ``logit[target] - logit[foil]``). ``df.attrs["logit"]`` holds the model's value,
     which equals ``df.contribution.sum()``. ``target``/``foil``: token ids (or single-token strings)."""
     tokens = model.to_tokens(tokens)
@@ -188,12 +211,19 @@ def direct_logit_attribution(model, tokens, target, *, row: int = 0, position: i
     ex = np.asarray(run.cache["blocks.moe.top_k_experts"])[:, row, position]
     gates = np.asarray(run.cache["blocks.moe.top_k_weights"])[:, row, position]
     rows = [("embed", -1, -1, -1, np.nan, float(comp["embed"][row, position]))]
-    for layer in range(model.cfg.num_layers):
-        for h in range(model.cfg.num_q_heads):
+    cfg = model.cfg
+    other_name = "mlp" if cfg.moe_layers is not None else "shared" if cfg.shared_expert_ffn else "bias"
+    for layer in range(cfg.num_layers):
+        for h in range(cfg.num_q_heads):
             rows.append(("head", layer, h, -1, np.nan, float(comp["heads"][layer, row, position, h])))
-        for s in range(model.cfg.top_k):
-            rows.append(("expert", layer, int(ex[layer, s]), s, float(gates[layer, s]),
-                         float(comp["experts"][layer, row, position, s])))
+        if cfg.is_moe(layer):
+            m = cfg.moe_layer_ids.index(layer)
+            for s in range(cfg.top_k):
+                rows.append(("expert", layer, int(ex[m, s]), s, float(gates[m, s]),
+                             float(comp["experts"][m, row, position, s])))
+        if cfg.o_bias or cfg.shared_expert_ffn or not cfg.is_moe(layer):
+            name = "mlp" if not cfg.is_moe(layer) else other_name
+            rows.append((name, layer, -1, -1, np.nan, float(comp["other"][layer, row, position])))
     df = pd.DataFrame(rows, columns=["component", "layer", "unit", "slot", "gate", "contribution"])
     lg = np.asarray(run.logits[row, position], np.float64)
     df.attrs["logit"] = float(lg[target] - (lg[foil] if foil is not None else 0.0))

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..hooks import REGISTRY
-from ..model.layers import rms_norm
+from ..model.block import sublayer_write
 from ..model.transformer import forward, run_blocks, unembed
 from .common import last_real_position, next_token_kl, next_token_logprobs, prediction_pairs, token_id
 
@@ -47,8 +47,17 @@ def check_indices(name: str, values, n: int) -> list[int]:
     return out
 
 
-def _layers(layers, cfg) -> list[int]:
-    return list(range(cfg.num_layers)) if layers is None else check_indices("layers", layers, cfg.num_layers)
+def _layers(layers, cfg, kind="head") -> list[int]:
+    """The layers of a sweep: default every layer (every MoE layer for experts); an expert sweep at a dense MLP
+    layer is refused."""
+    if layers is None:
+        return list(cfg.moe_layer_ids) if kind == "expert" else list(range(cfg.num_layers))
+    out = check_indices("layers", layers, cfg.num_layers)
+    dense = [l for l in out if kind == "expert" and not cfg.is_moe(l)]
+    if dense:
+        raise ValueError(f"layer {dense[0]} is a dense MLP layer without experts (MoE layers: "
+                         f"{list(cfg.moe_layer_ids)})")
+    return out
 
 
 def suffix_logits(params, cfg, tokens, h0, start, iv_layers=None, patches=None, expert_impl="sparse"):
@@ -96,7 +105,7 @@ def _loss_sums(logits, tokens, base):
 
 _lm_sums_jit = jax.jit(lm_sums, static_argnums=2)
 
-_BASE_CAPTURE = frozenset({"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.expert_out",
+_BASE_CAPTURE = frozenset({"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.out", "blocks.moe.expert_out",
                            "blocks.moe.top_k_weights", "blocks.moe.top_k_experts"})
 
 
@@ -116,18 +125,20 @@ def _sweep_layer(params, tokens, h0, base, ivs, start, cfg, expert_impl):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "expert_impl"))
-def _sweep_zero_experts(params, tokens, cache, base, layer, units, cfg, expert_impl):
-    """Zero-ablation of experts ``units`` at ``layer``: routing and expert outputs of that layer are unchanged, so
-    its MoE output is re-combined from the captured per-slot outputs without the ablated expert (the same
-    ``sum_k gate_k y_k`` as the model), and only layers ``layer + 1 ..`` run, for all variants as one batch."""
-    y = cache["blocks.moe.expert_out"][layer]                      # [b, t, k, d]
-    ex = cache["blocks.moe.top_k_experts"][layer]                  # [b, t, k]
-    gates = cache["blocks.moe.top_k_weights"][layer]
-    keep = ex[None] != units[:, None, None, None]                  # [n, b, t, k]
-    g = jnp.where(keep, gates[None], 0.0).astype(y.dtype)
-    m = jnp.einsum("nbtk,btkd->nbtd", g, y)
-    post = rms_norm(m, params["blocks"]["moe_post_norm"][layer], cfg.rms_eps)
-    h = cache["blocks.resid_mid"][layer][None] + post             # [n, b, t, d]
+def _sweep_zero_experts(params, tokens, cache, base, layer, slot, units, cfg, expert_impl):
+    """Zero-ablation of experts ``units`` at ``layer`` (``slot``: its index among the MoE layers, along which the
+    routing captures are stacked): routing and expert outputs of that layer are unchanged, so its MoE output is
+    the captured one minus the ablated expert's gated slots (a shared expert stays), written into the residual
+    stream by the model's own :func:`~grokviz.model.block.sublayer_write`, and only layers ``layer + 1 ..`` run,
+    for all variants as one batch."""
+    y = cache["blocks.moe.expert_out"][slot]                       # [b, t, k, d]
+    ex = cache["blocks.moe.top_k_experts"][slot]                   # [b, t, k]
+    gates = cache["blocks.moe.top_k_weights"][slot]
+    drop = ex[None] == units[:, None, None, None]                  # [n, b, t, k]
+    g = jnp.where(drop, gates[None], 0.0).astype(y.dtype)
+    m = cache["blocks.moe.out"][layer][None] - jnp.einsum("nbtk,btkd->nbtd", g, y)
+    scale = params["blocks"]["moe_post_norm"][layer] if cfg.sandwich else None
+    h = cache["blocks.resid_mid"][layer][None] + sublayer_write(m, scale, cfg)   # [n, b, t, d]
     # later layers have no intervention: fold the variants into the batch axis (one plain, wider forward)
     n, b, t, d = h.shape
     hf = suffix_hidden(params, cfg, jnp.tile(tokens, (n, 1)), h.reshape(n * b, t, d), layer + 1, None, None,
@@ -182,7 +193,7 @@ def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chu
     cfg, params = model.cfg, model.params
     n_units = _check_kind(cfg, kind, mode)
     tokens = jnp.asarray(model.to_tokens(tokens))
-    layers = _layers(layers, cfg)
+    layers = _layers(layers, cfg, kind)
     chunk = n_units if chunk is None else _chunk(chunk)
     fast = kind == "expert" and mode == "zero"
     capture = _BASE_CAPTURE if fast else frozenset({"blocks.resid_pre"})
@@ -194,6 +205,7 @@ def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chu
             units_padded = units + [units[-1]] * (chunk - len(units))  # keep one compiled shape
             if fast:
                 nll, kl = _sweep_zero_experts(params, tokens, cache, base, jnp.int32(layer),
+                                              jnp.int32(cfg.moe_layer_ids.index(layer)),
                                               jnp.asarray(units_padded, jnp.int32), cfg, expert_impl)
             else:
                 ivs = _ablation_ivs(cfg, kind, mode, layer, units_padded)
@@ -217,7 +229,7 @@ def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=
     cfg = model.cfg
     n_units = _check_kind(cfg, kind, mode)
     tokens = model.to_tokens(tokens)
-    layers = _layers(layers, cfg)
+    layers = _layers(layers, cfg, kind)
     base = jnp.asarray(model.run(tokens, expert_impl=expert_impl).logits)
     base_nll, _, n_pred = _lm_sums_jit(base, jnp.asarray(tokens), cfg.pad_token)
     out = {"layer": [], "unit": [], "nll": [], "kl": []}
@@ -256,10 +268,10 @@ def ablation_sweep(model, data, *, kind="expert", mode="zero", layers=None, chun
     ``data``: token ids [batch, seq] (one batch), or anything :func:`grokviz.analysis.dataset.batches` accepts
     (texts, token lists, None for the bundled validation split). ``mode`` (experts): ``"zero"`` multiplies the
     expert's gated output by 0 with routing unchanged; ``"remove"`` makes the router skip it (tokens take their
-    next choice, gates stay router probabilities). Returns one row per ablation: layer, expert|head, loss,
-    base_loss, delta_loss (nats), kl (nats, baseline || ablated), n_tokens."""
+    next choice; gates by the family's rule over the experts selected). Returns one row per ablation: layer,
+    expert|head, loss, base_loss, delta_loss (nats), kl (nats, baseline || ablated), n_tokens."""
     _check_kind(model.cfg, kind, mode)  # bad arguments fail before any data is read
-    layers = _layers(layers, model.cfg)
+    layers = _layers(layers, model.cfg, kind)
     chunk = None if chunk is None else _chunk(chunk)
     if _is_token_batch(data):
         sums = ablation_sums(model, data, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl)

@@ -16,14 +16,21 @@ from .moe import combine, dense_mlp, experts_dense, experts_sparse, route, share
 EXPERT_IMPLS = {"dense": experts_dense, "sparse": experts_sparse}
 
 
-def _post_norm(point, name, value, p, key, cfg):
-    """The post-norm hook: Grok's rms_norm; the pre-norm families write the sublayer output as it is (the hook
-    then equals ``attn.out`` / ``moe.out``), times the residual multiplier (Granite)."""
+def sublayer_write(value, norm_scale, cfg):
+    """What a sublayer's output ``value`` adds to the residual stream: Grok's post-norm ``rms_norm(value,
+    norm_scale)``; for the pre-norm families the output itself (``norm_scale`` unused), times the residual
+    multiplier (Granite). The analysis code calls this to re-form a write."""
     if cfg.sandwich:
-        value = rms_norm(value, p[key], cfg.rms_eps)
+        value = rms_norm(value, norm_scale, cfg.rms_eps)
     if cfg.residual_multiplier != 1.0:
         value = value * cfg.residual_multiplier
-    return point(name, value)
+    return value
+
+
+def _post_norm(point, name, value, p, key, cfg):
+    """The post-norm hook: :func:`sublayer_write` (so for pre-norm families it equals ``attn.out`` /
+    ``moe.out`` times the residual multiplier)."""
+    return point(name, sublayer_write(value, p.get(key), cfg))
 
 
 def block(p, h, real, mask, cfg, point, iv=None, expert_impl="sparse", attn_spec=None, *, moe=True,
