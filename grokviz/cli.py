@@ -105,11 +105,10 @@ def cmd_convert(args) -> int:
 
         hf = HFFolder(args.src, as_config(args.config) if args.config else None)
         stream = ((n, layer, v) for n, layer, v, _ in hf.tensors(progress=not args.quiet))
-        dst = write_checkpoint(args.dst, hf.cfg, stream, overwrite=args.overwrite, max_shard_bytes=shard)
-        print(f"wrote {dst} ({hf.cfg.family}, stored dtype {hf.dtype})")
-        if hf.tokenizer is not None:
-            print(f"note: the converted format carries a SentencePiece tokenizer.model only; load with "
-                  f"gv.load(..., tokenizer={str(hf.tokenizer)!r})")
+        dst = write_checkpoint(args.dst, hf.cfg, stream, overwrite=args.overwrite, max_shard_bytes=shard,
+                               tokenizer=hf.tokenizer)
+        print(f"wrote {dst} ({hf.cfg.family}, stored dtype {hf.dtype}"
+              f"{', with its tokenizer.json' if hf.tokenizer is not None else ''})")
         return 0
     dst = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, max_shard_bytes=shard,
                   progress=not args.quiet)

@@ -11,14 +11,16 @@ object::
     model.run(tokens, interventions=iv)
 
 Expert ablation semantics:
-  * *remove* — top-k skips the expert; the other selected experts keep their gates (the router probabilities
-    over all experts, Grok's un-renormalised semantics), so a token that used it gets its next choice with
-    that choice's probability as gate. Tokens that did not use it are untouched.
-    A removed expert never contributes: where forced routing names it anyway, its slot's gate is 0.
+  * *remove* — top-k skips the expert, so a token that used it gets its next choice, and the gates of the
+    experts selected are formed by the family's own rule (docs/families.md#routers): Grok-1, OLMoE and
+    Qwen1.5-MoE keep the router probabilities (un-renormalised), Mixtral and Qwen3-MoE renormalise them over
+    the survivors, Granite and gpt-oss take the softmax over the survivors' logits. Tokens that did not use it
+    are untouched. A removed expert never contributes: where forced routing names it anyway, its slot's gate
+    is 0.
   * *zero* — the expert's gated output is multiplied by 0 (any scale is allowed); routing is unchanged.
 Patches replace a named activation at chosen layers and positions with values from another run; patching
-``blocks.moe.top_k_experts`` is routing patching / forced routing (gates become the router probabilities of
-the forced experts).
+``blocks.moe.top_k_experts`` is routing patching / forced routing (the forced experts' gates are then formed
+by the family's rule, as for removal).
 """
 
 from __future__ import annotations

@@ -171,6 +171,7 @@ def test_cli_inspect_verify_convert_roundtrip(tmp_path, capsys):
     back = gv.load(dst, progress=False)
     cfg, params, _ = load_hf(src)
     assert back.cfg == cfg  # the family fields (layer_types, yarn, sinks, biases, ...) survive the config JSON
+    assert back.tokenizer is not None and back.tokenizer.encode("hello") == gv.load(src).tokenizer.encode("hello")
     for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(back.params),
                                  jax.tree_util.tree_leaves_with_path(params)):
         assert np.array_equal(np.asarray(x), np.asarray(y)), path

@@ -84,3 +84,23 @@ def test_left_padding_is_finite_and_pad_rows_attend_uniformly():
     np.testing.assert_allclose(pattern[:, 0, :, :4, :], 1 / 10, rtol=1e-6)
     # the real queries never attend to the pad keys
     assert np.abs(pattern[:, 0, :, 4:, :4]).max() == 0
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gathered_experts_for_few_tokens_equal_dense(quantized):
+    """Decoding (fewer slots than experts) runs each slot on its own expert's gathered weights only."""
+    from grokviz.model.moe import experts_gathered
+    from grokviz.params import Int8Weight
+
+    cfg = gv.GrokConfig.golden(num_layers=1, num_experts=8, top_k=2)
+    p = jax.tree_util.tree_map(lambda a: a[0], gv.init_params(cfg, jax.random.key(9))["blocks"])
+    if quantized:  # int8 experts with per-column scales, as the release stores them
+        for n in ("w_gate", "w_up", "w_down"):
+            w = p[n]
+            scale = jnp.max(jnp.abs(w), axis=-2, keepdims=True) / 127
+            p[n] = Int8Weight(weight=jnp.round(w / scale).astype(jnp.int8), scales=scale)
+    x = jax.random.normal(jax.random.key(10), (1, 1, cfg.d_model))
+    experts = jnp.asarray([[[5, 2]]], jnp.int32)
+    want = experts_dense(p, x, experts, cfg)
+    np.testing.assert_allclose(experts_gathered(p, x, experts, cfg), want, atol=1e-5)
+    np.testing.assert_allclose(experts_sparse(p, x, experts, cfg), want, atol=1e-5)  # takes the gathered path

@@ -73,8 +73,14 @@ def filtered_logits(logits, temperature, top_p, top_k, allowed=None):
     l = logits / t[:, None]
     if allowed is not None:
         l = jnp.where(allowed, l, MASK_VALUE)
-    l, s = top_k_filter(l, top_k)
-    return top_p_filter(l, top_p.astype(l.dtype), s)
+
+    def filters(l):
+        l, s = top_k_filter(l, top_k)
+        return top_p_filter(l, top_p.astype(l.dtype), s)
+
+    # the sort over the vocabulary is the costliest step of a decode step on CPU (4 ms for 8192 logits here):
+    # skipped when no row filters (the filters would keep every logit then)
+    return jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1), filters, lambda l: l, l)
 
 
 def draw(keys, l, temperature):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..params import dense
+from ..params import Int8Weight, dense
 from .layers import gated_ffn
 
 
@@ -134,6 +134,9 @@ def experts_sparse(p, x, experts, cfg, block: int | None = None):
     past the ones in use are skipped (all of them when the routing is balanced enough); the static trip count
     keeps it reverse-mode differentiable. The result equals ``experts_dense`` for any routing, including
     duplicate or all-on-one-expert picks.
+
+    With fewer slots than experts (decoding a few tokens) each slot instead runs on its own expert's weights,
+    gathered (:func:`experts_gathered`), so only the selected experts' weights are read, not every expert's.
     """
     dt = x.dtype
     bsz, t, d = x.shape
@@ -141,6 +144,8 @@ def experts_sparse(p, x, experts, cfg, block: int | None = None):
     n_exp = p["w_gate"].shape[0]
     n_tok = bsz * t
     n_slots = n_tok * k
+    if n_slots < n_exp and block is None:
+        return experts_gathered(p, x, experts, cfg)
     cap = sparse_capacity(n_tok, n_slots, n_exp)
     block = block or sparse_block_size(n_slots, n_exp)
     n_over = -(-(max(n_slots - cap, 0) + n_exp * (block - 1)) // block)  # static bound on overflow blocks
@@ -186,6 +191,30 @@ def experts_sparse(p, x, experts, cfg, block: int | None = None):
 
     src = jnp.where(in_cap, main_row, n_exp * cap + over_row)
     return jnp.concatenate([y_main, y_over])[src].reshape(bsz, t, k, d)
+
+
+def _take_experts(w, idx, dt):
+    """The float weights of experts ``idx`` [n] of an expert-stacked leaf [expert, ...] (an Int8Weight is
+    gathered before it is dequantised, so only those experts are read)."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(weight=jnp.take(w.weight, idx, axis=0), scales=jnp.take(w.scales, idx, axis=0)
+                          ).dequantize(dt)
+    return jnp.take(w, idx, axis=0).astype(dt)
+
+
+def experts_gathered(p, x, experts, cfg):
+    """Each (token, slot) on its own expert's gathered weights -> [b,t,k,d]: reads k experts per token instead of
+    all of them (the fast path for decoding, where a step has fewer slots than experts). Same result as
+    ``experts_dense`` for any routing."""
+    dt = x.dtype
+    bsz, t, d = x.shape
+    k = experts.shape[-1]
+    idx = experts.reshape(-1).astype(jnp.int32)                      # [slots]
+    xs = jnp.repeat(x.reshape(bsz * t, d), k, axis=0)[:, None, :]     # [slots, 1, d]
+    w_gate, w_up, w_down = (_take_experts(p[n], idx, dt) for n in ("w_gate", "w_up", "w_down"))
+    biases = None if not cfg.expert_bias else tuple(jnp.take(p[n], idx, axis=0).astype(dt)
+                                                    for n in ("b_gate", "b_up", "b_down"))
+    return _ffn(xs, w_gate, w_up, w_down, cfg, biases).reshape(bsz, t, k, d)
 
 
 def shared_expert(p, x, cfg, point):
