@@ -29,23 +29,14 @@ def test_notebook_executes(path):
     assert not errors
 
 
-def test_generation_notebook_is_what_its_script_writes():
-    """notebooks/06_generation.ipynb is written by scripts/make_notebook_06.py: the two never drift apart."""
-    script = NB_DIR.parent / "scripts" / "make_notebook_06.py"
-    spec = importlib.util.spec_from_file_location("make_notebook_06", script)
+@pytest.mark.parametrize("script,notebook", [("make_notebook_06.py", "06_generation.ipynb"),
+                                             ("make_notebook_07.py", "07_other_moe_families.ipynb")])
+def test_generated_notebook_is_what_its_script_writes(script, notebook):
+    """notebooks 06 and 07 are written by their scripts in scripts/: the two never drift apart."""
+    path = NB_DIR.parent / "scripts" / script
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     built = mod.build()
-    stored = nbformat.read(NB_DIR / "06_generation.ipynb", as_version=4)
-    assert [(c.cell_type, c.id, c.source) for c in stored.cells] == [(c.cell_type, c.id, c.source) for c in built.cells]
-
-
-def test_other_families_notebook_is_what_its_script_writes():
-    """notebooks/07_other_moe_families.ipynb is written by scripts/make_notebook_07.py: the two never drift apart."""
-    script = NB_DIR.parent / "scripts" / "make_notebook_07.py"
-    spec = importlib.util.spec_from_file_location("make_notebook_07", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    built = mod.build()
-    stored = nbformat.read(NB_DIR / "07_other_moe_families.ipynb", as_version=4)
+    stored = nbformat.read(NB_DIR / notebook, as_version=4)
     assert [(c.cell_type, c.id, c.source) for c in stored.cells] == [(c.cell_type, c.id, c.source) for c in built.cells]
