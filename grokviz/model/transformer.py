@@ -270,7 +270,8 @@ def _join_segments(per_seg, cfg) -> tuple[dict, dict]:
 
 
 #: hooks recorded only at MoE layers
-_MOE_ONLY = frozenset(ROUTING_HOOKS) | {"blocks.moe.expert_out", "blocks.moe.shared_out", "blocks.moe.shared_gate"}
+_MOE_ONLY = frozenset(ROUTING_HOOKS) | {"blocks.moe.expert_out", "blocks.moe.expert_outputs_all",
+                                        "blocks.moe.shared_out", "blocks.moe.shared_gate"}
 
 
 def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, expert_impl="sparse",
