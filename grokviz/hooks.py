@@ -23,7 +23,8 @@ leading ``layer`` axis; top-level hooks have none. Selections are validated glob
   once per layer); they are static, so changing them recompiles. Captured ``blocks.*`` values are stacked
   over the layers run into a leading ``layer`` axis.
 * *Computed on demand.* Some hooks are only computed when captured, patched or called back
-  (:meth:`Point.wants`, :meth:`Point.patched`): the attention maps and their summaries, ``moe.expert_load``.
+  (:meth:`Point.wants`, :meth:`Point.patched`): the attention maps and their summaries, ``moe.expert_load``,
+  ``moe.expert_outputs_all`` (captured only, it leaves the logits bit for bit unchanged).
   The queries and keys are captured from a copy of the computation (equal to fp32 rounding), so that capture
   leaves the logits bit for bit unchanged; a patch or callback on them acts on the main computation.
 * *Attention maps of some layers/heads* (:class:`AttentionSpec`): ``attn.logits``/``scores``/``pattern`` are
@@ -94,7 +95,7 @@ _HOOKS = [
          "softmax of the router logits over all experts (fp32): the family's full routing distribution (for "
          "top-k-then-softmax families, Granite and gpt-oss, its top-k renormalised equals the gates)"),
     Hook("blocks.moe.top_k_experts", _B + ("k",), "int32", "cheap",
-         "selected experts, in descending router score"),
+         "selected experts, in descending router score (under an expert swap: the experts that run)"),
     Hook("blocks.moe.top_k_weights", _B + ("k",), "float32", "cheap",
          "the gates actually applied to the selected experts: Grok-1, OLMoE, Qwen1.5-MoE: router probabilities, "
          "not renormalised; Mixtral, Qwen3-MoE: renormalised to sum to 1; Granite, gpt-oss: softmax over the k "
@@ -102,6 +103,9 @@ _HOOKS = [
     Hook("blocks.moe.expert_load", ("layer", "expert"), "int32", "cheap",
          "tokens routed to each expert (all k slots), padding excluded"),
     Hook("blocks.moe.expert_out", _B + ("k", "d_model"), "float32", "heavy", "per-slot expert outputs before gating"),
+    Hook("blocks.moe.expert_outputs_all", _B + ("expert", "d_model"), "float32", "heavy",
+         "counterfactual expert outputs: what every expert, selected or not, would output for the token (before "
+         "gating); computed only when captured, patched or called back (E experts' work per token)"),
     Hook("blocks.moe.shared_out", _B + ("d_model",), "float32", "heavy",
          "the shared expert's output before its sigmoid gate (Qwen1.5-MoE; absent in other families)"),
     Hook("blocks.moe.shared_gate", _B, "float32", "cheap",

@@ -5,19 +5,24 @@ temperature 1). Build with :meth:`Interventions.none` and chain the editing meth
 object::
 
     iv = (Interventions.none(cfg)
-          .remove_expert(layer=3, expert=5)     # router skips expert 5 at layer 3; tokens take their next choice
-          .zero_expert(layer=4, expert=1)       # expert 1's contribution x 0 at layer 4; routing unchanged
+          .ablate_expert(3, 5, how="route_around")   # router skips expert 5 at layer 3; tokens take their next choice
+          .ablate_expert(4, 1, how="contribution")   # expert 1's contribution x 0 at layer 4; routing unchanged
+          .ablate_expert(2, 0, how="swap", to=6)     # expert 0's slots at layer 2 run expert 6, same gates
           .ablate_head(layer=0, head=2))
     model.run(tokens, interventions=iv)
 
-Expert ablation semantics:
-  * *remove* — top-k skips the expert, so a token that used it gets its next choice, and the gates of the
-    experts selected are formed by the family's own rule (docs/families.md#routers): Grok-1, OLMoE and
-    Qwen1.5-MoE keep the router probabilities (un-renormalised), Mixtral and Qwen3-MoE renormalise them over
-    the survivors, Granite and gpt-oss take the softmax over the survivors' logits. Tokens that did not use it
-    are untouched. A removed expert never contributes: where forced routing names it anyway, its slot's gate
-    is 0.
-  * *zero* — the expert's gated output is multiplied by 0 (any scale is allowed); routing is unchanged.
+Expert ablation semantics, named (:data:`ABLATIONS`; :meth:`Interventions.ablate_expert`):
+  * *route_around* (``remove_expert``; the old name ``"remove"``) — top-k skips the expert, so a token that used
+    it gets its next choice, and the gates of the experts selected are formed by the family's own rule
+    (docs/families.md#routers): Grok-1, OLMoE and Qwen1.5-MoE keep the router probabilities (un-renormalised),
+    Mixtral and Qwen3-MoE renormalise them over the survivors, Granite and gpt-oss take the softmax over the
+    survivors' logits. Tokens that did not use it are untouched. A removed expert never contributes: where
+    forced routing names it anyway, its slot's gate is 0.
+  * *contribution* (``zero_expert``; the old name ``"zero"``) — the expert's gated output is multiplied by 0
+    (any scale is allowed); routing is unchanged.
+  * *swap* (``swap_expert``) — the slots that selected expert ``a`` run expert ``b`` instead, at the gate the
+    router formed for ``a`` (the ``expert_swap`` [layer, expert] map, identity by default); the other slots and
+    every gate are unchanged.
 Patches replace a named activation at chosen layers and positions with values from another run; patching
 ``blocks.moe.top_k_experts`` is routing patching / forced routing (the forced experts' gates are then formed
 by the family's rule, as for removal).
@@ -44,6 +49,7 @@ class Interventions:
     router_bias: jax.Array         # [layer, expert] float32, added to router logits
     router_temperature: jax.Array  # [layer] float32, router logits divided by it
     renormalize: jax.Array         # [layer] bool: rescale the k gates to sum to 1
+    expert_swap: jax.Array         # [layer, expert] int32: a slot that picked e runs expert_swap[e] (identity)
     patches: dict = dataclasses.field(default_factory=dict)  # name -> (value, mask); see patch()
 
     @classmethod
@@ -51,7 +57,8 @@ class Interventions:
         L, E, H = cfg.num_layers, cfg.num_experts, cfg.num_q_heads
         return cls(expert_remove=jnp.zeros((L, E), bool), expert_scale=jnp.ones((L, E), jnp.float32),
                    head_scale=jnp.ones((L, H), jnp.float32), router_bias=jnp.zeros((L, E), jnp.float32),
-                   router_temperature=jnp.ones((L,), jnp.float32), renormalize=jnp.zeros((L,), bool))
+                   router_temperature=jnp.ones((L,), jnp.float32), renormalize=jnp.zeros((L,), bool),
+                   expert_swap=jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (L, E)))
 
     def split(self):
         """(per-layer dict scanned with the params, patches dict)."""
@@ -73,7 +80,7 @@ class Interventions:
             if not fits:
                 raise ValueError(f"{op}: the value has shape {tuple(np.shape(value))}, which does not fit the "
                                  f"selected {tuple(region)} entries of {field}")
-        _check_values(field, value, op)
+        _check_values(field, value, op, arr.shape[-1])
         out = arr.at[index].set(value)
         if field == "expert_remove" and not _is_tracer(out):
             full = np.flatnonzero(np.asarray(out).all(-1))
@@ -90,6 +97,40 @@ class Interventions:
     def zero_expert(self, layer, expert, scale=0.0):
         """Multiply the expert's gated output by ``scale`` (finite; 0 = zero-ablation), routing unchanged."""
         return self._set("expert_scale", (layer, expert), jnp.asarray(scale, jnp.float32), "zero_expert")
+
+    def swap_expert(self, layer, expert, to):
+        """The *swap* ablation: slots that selected ``expert`` at ``layer`` run expert ``to`` instead, at the same
+        gate (routing and the other slots unchanged). ``to`` is an expert id in ``[0, num_experts)`` (or one per
+        selected expert)::
+
+            iv = gv.Interventions.none(model.cfg).swap_expert(layer=1, expert=3, to=5)
+        """
+        to = np.asarray(to) if not _is_tracer(to) else to
+        if not _is_tracer(to) and (to.dtype == bool or not np.issubdtype(to.dtype, np.integer)):
+            raise ValueError(f"swap_expert: the target expert must be an int id, got {to!r}")
+        return self._set("expert_swap", (layer, expert), jnp.asarray(to, jnp.int32), "swap_expert")
+
+    def ablate_expert(self, layer, expert, how="contribution", to=None):
+        """Ablate ``expert`` at ``layer`` by one of the three named semantics (:data:`ABLATIONS`):
+
+        * ``"contribution"``: its gated output x 0, routing unchanged (= :meth:`zero_expert`);
+        * ``"route_around"``: dropped from the top-k candidates, the next-best expert takes the slot, gates by the
+          family's rule (= :meth:`remove_expert`);
+        * ``"swap"``: its slots run expert ``to`` at the same gates (= :meth:`swap_expert`).
+
+        The old names ``"zero"`` and ``"remove"`` are accepted. Example::
+
+            iv = gv.Interventions.none(model.cfg).ablate_expert(0, 3, how="swap", to=1)
+            model.run("The cat", interventions=iv)
+        """
+        how = ablation_name(how)
+        if (to is not None) != (how == "swap"):
+            raise ValueError("ablate_expert: give to= (the target expert) with how='swap', and only then")
+        if how == "contribution":
+            return self.zero_expert(layer, expert)
+        if how == "route_around":
+            return self.remove_expert(layer, expert)
+        return self.swap_expert(layer, expert, to)
 
     def ablate_head(self, layer, head, scale=0.0):
         """Multiply a query head's output by ``scale`` (finite; 0 = ablation)."""
@@ -181,6 +222,10 @@ class Interventions:
             parts.append("router temperature/bias")
         if np.any(np.asarray(self.renormalize)):
             parts.append("renormalised gates")
+        sw = np.asarray(self.expert_swap)
+        moved = np.argwhere(sw != np.arange(sw.shape[-1]))
+        if len(moved):
+            parts.append("swap " + ", ".join(f"L{l}E{e}->E{sw[l, e]}" for l, e in moved))
         if self.patches:
             parts.append("patches " + ", ".join(self.patches))
         return f"Interventions({'; '.join(parts) or 'none'})"
@@ -201,8 +246,24 @@ def stack(ivs: list[Interventions]) -> Interventions:
 # ----------------------------------------------------------------------------------------------- validation
 _INDEX_NAMES = {"expert_remove": ("layer", "expert"), "expert_scale": ("layer", "expert"),
                 "head_scale": ("layer", "head"), "router_bias": ("layer", "expert"),
-                "router_temperature": ("layer",), "renormalize": ("layer",)}
+                "router_temperature": ("layer",), "renormalize": ("layer",), "expert_swap": ("layer", "expert")}
 _BOOL_FIELDS = ("expert_remove", "renormalize")
+_INT_FIELDS = ("expert_swap",)
+
+#: the three named expert-ablation semantics (see the module docstring), and the old names they replace
+ABLATIONS = ("contribution", "route_around", "swap")
+ABLATION_ALIASES = {"zero": "contribution", "remove": "route_around", "route-around": "route_around"}
+
+
+def ablation_name(how) -> str:
+    """The canonical ablation name for ``how`` (one of :data:`ABLATIONS` or an old alias: ``"zero"``,
+    ``"remove"``); ``ValueError`` listing them otherwise."""
+    name = ABLATION_ALIASES.get(how, how) if isinstance(how, str) else how
+    if name not in ABLATIONS:
+        raise ValueError(f"expert ablation must be one of {list(ABLATIONS)} (contribution: its output x 0, routing "
+                         f"unchanged; route_around: the next-best expert takes its slot; swap: its slots go to "
+                         f"another expert at the same gate) or an old name {sorted(ABLATION_ALIASES)}, got {how!r}")
+    return name
 
 
 def _is_tracer(x) -> bool:
@@ -243,9 +304,17 @@ def _check_index(idx, n: int, what: str, op: str) -> None:
         raise ValueError(f"{op}: {what} {int(bad.ravel()[0])} is outside the {n} {what}s {bound}")
 
 
-def _check_values(field: str, value, op: str) -> None:
-    """Finite scales and biases; temperatures finite and > 0 (skipped for traced values)."""
+def _check_values(field: str, value, op: str, n_experts: int | None = None) -> None:
+    """Finite scales and biases; temperatures finite and > 0; swap targets in ``[0, n_experts)`` (skipped for
+    traced values)."""
     if _is_tracer(value) or field in _BOOL_FIELDS:
+        return
+    if field in _INT_FIELDS:
+        v = np.asarray(value)
+        bad = v[(v < 0) | (v >= n_experts)]
+        if bad.size:
+            raise ValueError(f"{op}: swap target expert {int(bad.ravel()[0])} is outside the {n_experts} experts "
+                             f"[0, {n_experts})")
         return
     v = np.asarray(value, np.float64)
     if not np.all(np.isfinite(v)):
@@ -309,7 +378,7 @@ def _check_dense_layers(iv: Interventions, cfg: GrokConfig, variants: bool) -> N
     if not dense:
         return
     defaults = {"expert_remove": False, "expert_scale": 1.0, "router_bias": 0.0, "router_temperature": 1.0,
-                "renormalize": False}
+                "renormalize": False, "expert_swap": np.arange(cfg.num_experts)}
     for name, neutral in defaults.items():
         value = getattr(iv, name)
         if _is_tracer(value):
@@ -340,7 +409,7 @@ def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape, attenti
         raise TypeError(f"interventions must be an Interventions, got {type(iv).__name__}")
     L, E, H, k = cfg.num_layers, cfg.num_experts, cfg.num_q_heads, cfg.top_k
     expected = {"expert_remove": (L, E), "expert_scale": (L, E), "head_scale": (L, H), "router_bias": (L, E),
-                "router_temperature": (L,), "renormalize": (L,)}
+                "router_temperature": (L,), "renormalize": (L,), "expert_swap": (L, E)}
     lead = 1 if variants else 0
     n_var = None
     for name, shape in expected.items():
@@ -353,11 +422,11 @@ def check_interventions(iv: Interventions, cfg: GrokConfig, token_shape, attenti
             if n_var is not None and got[0] != n_var:
                 raise ValueError(f"interventions.{name} has {got[0]} variants, others have {n_var}")
             n_var = got[0]
-        is_bool = np.dtype(value.dtype) == np.bool_
-        if (name in _BOOL_FIELDS) != is_bool:
-            raise ValueError(f"interventions.{name} must be {'boolean' if name in _BOOL_FIELDS else 'float'}, "
-                             f"got dtype {value.dtype}")
-        _check_values(name, value, f"interventions.{name}")
+        kind = "int32" if name in _INT_FIELDS else "boolean" if name in _BOOL_FIELDS else "float"
+        dt = np.dtype(value.dtype)
+        if (dt == np.bool_) != (kind == "boolean") or (kind == "int32") != np.issubdtype(dt, np.integer):
+            raise ValueError(f"interventions.{name} must be {kind}, got dtype {value.dtype}")
+        _check_values(name, value, f"interventions.{name}", E)
     removed = iv.expert_remove
     if not _is_tracer(removed):
         count = np.asarray(removed).sum(-1)  # [(variant,) layer]

@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from . import moe as _moe
 from .attention import attention
 from .layers import rms_norm
 from .moe import combine, dense_mlp, experts_dense, experts_sparse, route, shared_expert
@@ -58,7 +59,14 @@ def block(p, h, real, mask, cfg, point, iv=None, expert_impl="sparse", attn_spec
         if point.wants("moe.expert_load"):
             one_hot = jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.int32)  # [b,t,k,e]
             point("moe.expert_load", jnp.sum(one_hot * real[:, :, None, None].astype(jnp.int32), axis=(0, 1, 2)))
-        y = point("moe.expert_out", EXPERT_IMPLS[expert_impl](p, x, experts, cfg))
+        y = None
+        if point.wants("moe.expert_outputs_all") or point.patched("moe.expert_outputs_all"):
+            # counterfactual outputs of every expert, computed only when asked; captured only, they leave the
+            # run unchanged (the slots still come from expert_impl); patched or called back, they flow on
+            y_all = point("moe.expert_outputs_all", _moe.expert_outputs_all(p, x, cfg))
+            if point.patched("moe.expert_outputs_all"):
+                y = _moe.select_slots(y_all, experts)
+        y = point("moe.expert_out", EXPERT_IMPLS[expert_impl](p, x, experts, cfg) if y is None else y)
         m = combine(gates, y, None if iv is None else iv["expert_scale"], experts)
         if cfg.shared_expert_ffn:
             m = m + shared_expert(p, x, cfg, point)

@@ -40,6 +40,10 @@ def route(x, p, cfg, point, iv=None):
     formed by the family's rule over the experts actually selected, so a renormalising family renormalises over
     the survivors, and Grok keeps the router probabilities). A removed expert that is still picked (more than
     E - k removed, or forced routing names it) gets gate 0. ``renormalize`` rescales the k gates to sum to 1.
+    ``expert_swap`` [expert] int32 (identity = none): a slot that selected expert ``a`` runs expert
+    ``expert_swap[a]`` instead, at the gate formed for ``a`` (the *swap* ablation); ``moe.top_k_experts`` records
+    the experts that run, and a forced-routing patch of it replaces them (its gates then come from the experts it
+    names).
     """
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), dense(p["router"], jnp.float32))
     if cfg.router_bias:
@@ -53,13 +57,15 @@ def route(x, p, cfg, point, iv=None):
         top, experts = jax.lax.top_k(score, cfg.top_k)
     else:
         _, experts = jax.lax.top_k(jnp.where(iv["expert_remove"], -jnp.inf, score), cfg.top_k)
-    experts = experts.astype(jnp.int32)
+    experts = picked = experts.astype(jnp.int32)
+    if iv is not None:  # the swap ablation: the slot runs another expert at the picked expert's gate
+        experts = jnp.take(iv["expert_swap"], picked)
     if point.patched("moe.top_k_experts"):
-        experts = point("moe.top_k_experts", experts)
+        experts = picked = point("moe.top_k_experts", experts)
     else:
         point("moe.top_k_experts", experts)
     if iv is not None or point.patched("moe.top_k_experts"):
-        top = jnp.take_along_axis(score, experts, axis=-1)
+        top = jnp.take_along_axis(score, picked, axis=-1)
     # a removed expert never contributes, even where it is still picked: when more than E - k are removed
     # (Model.run refuses that; a direct forward call does not), or when forced routing names it
     removed = None if iv is None else jnp.take(iv["expert_remove"], experts)
@@ -98,14 +104,24 @@ def _biases(p, cfg, dt):
     return tuple(p[n].astype(dt) for n in ("b_gate", "b_up", "b_down")) if cfg.expert_bias else None
 
 
-def experts_dense(p, x, experts, cfg):
-    """Every expert on every token (as the reference), then pick each slot's expert. -> [b,t,k,d]."""
+def expert_outputs_all(p, x, cfg):
+    """What every expert would write for every token, selected or not: ``x`` [b,t,d] -> [b,t,expert,d] (before
+    gating; the hook ``blocks.moe.expert_outputs_all``, the counterfactual expert outputs)."""
     dt = x.dtype
     xs = jnp.broadcast_to(x[None], (p["w_gate"].shape[0],) + x.shape)
     y_all = _ffn(xs, dense(p["w_gate"], dt), dense(p["w_up"], dt), dense(p["w_down"], dt), cfg,
                  _biases(p, cfg, dt))  # [e,b,t,d]
-    y_all = jnp.moveaxis(y_all, 0, 2)  # [b,t,e,d]
+    return jnp.moveaxis(y_all, 0, 2)  # [b,t,e,d]
+
+
+def select_slots(y_all, experts):
+    """Each slot's expert output from the all-expert outputs: [b,t,e,d], [b,t,k] -> [b,t,k,d]."""
     return jnp.take_along_axis(y_all, experts[..., None], axis=2)
+
+
+def experts_dense(p, x, experts, cfg):
+    """Every expert on every token (as the reference), then pick each slot's expert. -> [b,t,k,d]."""
+    return select_slots(expert_outputs_all(p, x, cfg), experts)
 
 
 def sparse_capacity(num_tokens: int, num_slots: int, num_experts: int) -> int:
