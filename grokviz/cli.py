@@ -9,6 +9,8 @@
     grokviz manifest PATH [--write | -o FILE]
     grokviz train ...                                           # see grokviz.train
     grokviz generate MODEL "prompt" --max-new-tokens N --temperature T [--top-p P --top-k K --seed S --routing]
+    grokviz study SPEC [--restart] [--quiet]                    # a routing study job (grokviz.study)
+    grokviz launch -n 2 --devices-per-process 4 -- grokviz study SPEC   # N local CPU processes of one JAX job
 
 A converted checkpoint verifies against its own index (SHA-256 and size of every file). The release format
 records no hashes and cannot itself detect two same-shaped tensors swapped between files (each pickle holds only
@@ -179,6 +181,32 @@ def cmd_manifest(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from . import distributed as dist
+
+    info = dist.initialize()
+    from . import study
+
+    spec = study.load_spec(args.spec)
+    if args.restart and info.process_id == 0:
+        spec.progress.unlink(missing_ok=True)
+    log = print if info.process_id == 0 and not args.quiet else None
+    if log:
+        print(f"grokviz study: {info}; results -> {spec.output}", flush=True)
+    res = study.run(spec, progress=not args.quiet, log=(lambda m: print(m, flush=True)) if log else None)
+    if log and res.routing is not None:
+        print(f"grokviz study: {res.routing.n_tokens:,} tokens; wrote {spec.output}", flush=True)
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from .distributed.launch import launch
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    return launch(command, args.n, devices_per_process=args.devices_per_process, grace=args.grace,
+                  join_timeout=args.join_timeout, timeout=args.timeout, heartbeat=args.heartbeat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grokviz", description="grokviz checkpoint tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-o", "--output", help="write the manifest to this file (atomically)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_manifest)
+
+    s = sub.add_parser("study", help="run a routing study spec (TOML/JSON) over this job's processes, resumably",
+                       description="Run the study SPEC describes (see grokviz.study.spec): data-parallel over the "
+                       "processes of a jax.distributed job (grokviz launch, SLURM, ...) or in one process; progress "
+                       "is checkpointed after every round and a restarted job resumes from it.")
+    s.add_argument("spec")
+    s.add_argument("--restart", action="store_true", help="discard the progress file and start over")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_study)
+
+    s = sub.add_parser("launch", help="start N local CPU processes of one JAX job running COMMAND",
+                       description="Start N local processes (JAX_PLATFORMS=cpu, K host devices each, gloo "
+                       "collectives, coordinator on 127.0.0.1 with a free port), forward their output prefixed "
+                       "[p<i>], and fail (exit 1, naming the process and its phase) grace seconds after a process "
+                       "dies, or when one has not joined within --join-timeout. See grokviz.distributed.launch.")
+    s.add_argument("-n", type=int, default=2, help="number of processes")
+    s.add_argument("--devices-per-process", type=int, default=1)
+    s.add_argument("--grace", type=float, default=5.0, help="seconds the others get to stop after a failure")
+    s.add_argument("--join-timeout", type=float, default=90.0)
+    s.add_argument("--timeout", type=float, default=None, help="wall-clock limit for the whole job")
+    s.add_argument("--heartbeat", type=int, default=None, help="jax.distributed heartbeat timeout (s), default 10")
+    s.add_argument("command_line", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    s.set_defaults(fn=cmd_launch)
 
     from .generation.cli import add_parser as add_generate_parser
 
