@@ -5,6 +5,9 @@
 * :mod:`.specialisation` what each expert's tokens are made of (token class / domain) and the tokens it prefers
 * :mod:`.attention`    per-head entropy, first-token mass, previous-token score, soft-cap binding, GQA groups
 * :mod:`.attribution`  logit lens; direct logit attribution of attention and of each expert's gated output
+* :mod:`.experts`      counterfactual expert outputs and their DLA, per-expert logit lens, single-expert
+                       substitution
+* :mod:`.fragility`    routing fragility: top-k margins and selection flips under bf16 / int8 / input noise
 * :mod:`.patching`     ablation sweeps over (layer, expert | head) reusing the prefix and vmapping; activation and
                        routing patching between two prompts
 * :mod:`.common`       prediction pairs, last real positions, one-token ids, next-token log-probs, loss and KL
@@ -16,6 +19,7 @@ from . import attention as attention
 from . import attribution as attribution
 from . import common as common
 from . import dataset as dataset
+from . import experts as experts
 from . import patching as patching
 from . import routing as routing
 from . import specialisation as specialisation
@@ -28,6 +32,12 @@ from .common import token_id as token_id
 from .dataset import attention_stats as attention_stats
 from .dataset import batches as batches
 from .dataset import routing_stats as routing_stats
+from .experts import counterfactual_dla as counterfactual_dla
+from .experts import counterfactual_table as counterfactual_table
+from .experts import expert_lens as expert_lens
+from .experts import expert_outputs as expert_outputs
+from .experts import single_expert_substitution as single_expert_substitution
+from .experts import top_expert_agreement as top_expert_agreement
 from .patching import ablation_sweep as ablation_sweep
 from .patching import activation_patching as activation_patching
 from .patching import patch_sweep as patch_sweep
