@@ -29,8 +29,8 @@ from ..model.block import sublayer_write
 from ..model.transformer import forward, run_blocks, unembed
 from .common import last_real_position, next_token_kl, next_token_logprobs, prediction_pairs, token_id
 
-__all__ = ["ablation_sweep", "ablation_sums", "separate_ablation_sums", "patch_sweep", "activation_patching",
-           "routing_patching", "lm_sums", "suffix_logits"]
+__all__ = ["ablation_sweep", "ablation_sums", "swap_targets", "separate_ablation_sums", "patch_sweep",
+           "activation_patching", "routing_patching", "lm_sums", "suffix_logits"]
 
 
 # ----------------------------------------------------------------------------------------------- core
@@ -154,17 +154,20 @@ def _no_interventions(cfg) -> dict:
     return Interventions.none(cfg).split()[0]
 
 
-def _ablation_ivs(cfg, kind: str, mode: str, layer: int, units) -> dict:
-    """Per-layer intervention dicts with a leading variant axis: unit ``units[n]`` ablated at ``layer``."""
+def _ablation_ivs(cfg, kind: str, mode: str, layer: int, units, targets=None) -> dict:
+    """Per-layer intervention dicts with a leading variant axis: unit ``units[n]`` ablated at ``layer`` (swapped
+    to ``targets[units[n]]`` under ``mode="swap"``)."""
     base = _no_interventions(cfg)
     n = len(units)
     ivs = {k: np.broadcast_to(np.asarray(v), (n,) + v.shape).copy() for k, v in base.items()}
     idx = np.arange(n)
     units = np.asarray(units)
-    if kind == "expert" and mode == "zero":
+    if kind == "expert" and mode == "contribution":
         ivs["expert_scale"][idx, layer, units] = 0.0
-    elif kind == "expert" and mode == "remove":
+    elif kind == "expert" and mode == "route_around":
         ivs["expert_remove"][idx, layer, units] = True
+    elif kind == "expert" and mode == "swap":
+        ivs["expert_swap"][idx, layer, units] = np.asarray(targets)[units]
     elif kind == "head":
         ivs["head_scale"][idx, layer, units] = 0.0
     return {k: jnp.asarray(v) for k, v in ivs.items()}
@@ -177,25 +180,39 @@ def _chunk(chunk) -> int:
 
 
 def _check_kind(cfg, kind, mode):
+    from ..interventions import ablation_name
+
     if kind not in ("expert", "head"):
         raise ValueError(f"kind must be 'expert' or 'head', got {kind!r}")
-    if kind == "expert" and mode not in ("zero", "remove"):
-        raise ValueError(f"mode for expert ablation must be 'zero' (drop its gated output, routing unchanged) "
-                         f"or 'remove' (router skips it; tokens take their next choice), got {mode!r}")
-    return cfg.num_experts if kind == "expert" else cfg.num_q_heads
+    mode = ablation_name(mode) if kind == "expert" else mode
+    return (cfg.num_experts if kind == "expert" else cfg.num_q_heads), mode
 
 
-def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chunk=None,
-                  expert_impl="sparse") -> dict:
+def swap_targets(cfg, swap_to=None) -> np.ndarray:
+    """The swap sweep's target rule as [expert] ids: ``None`` (default) sends expert e to ``(e + 1) % E``; an int
+    sends every expert there (that expert itself is then a no-op, Δ = 0); or one target per expert."""
+    E = cfg.num_experts
+    if swap_to is None:
+        return (np.arange(E) + 1) % E
+    t = np.broadcast_to(np.asarray(swap_to), (E,)) if np.ndim(swap_to) == 0 else np.asarray(swap_to)
+    if t.shape != (E,) or t.dtype == bool or not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= E:
+        raise ValueError(f"swap_to must be None (e -> e + 1 mod {E}), an expert id or {E} expert ids, all in "
+                         f"[0, {E}), got {swap_to!r}")
+    return t.astype(np.int32)
+
+
+def ablation_sums(model, tokens, *, kind="expert", mode="contribution", layers=None, chunk=None,
+                  expert_impl="sparse", swap_to=None) -> dict:
     """One batch of an ablation sweep, as additive sums (see :func:`ablation_sweep`).
 
-    Returns dict(layer [n], unit [n], nll [n], kl [n], base_nll scalar, n_pred scalar)."""
+    Returns dict(layer [n], unit [n], nll [n], kl [n], base_nll scalar, n_pred scalar; to [n] under swap)."""
     cfg, params = model.cfg, model.params
-    n_units = _check_kind(cfg, kind, mode)
+    n_units, mode = _check_kind(cfg, kind, mode)
+    targets = swap_targets(cfg, swap_to) if mode == "swap" else None
     tokens = jnp.asarray(model.to_tokens(tokens))
     layers = _layers(layers, cfg, kind)
     chunk = n_units if chunk is None else _chunk(chunk)
-    fast = kind == "expert" and mode == "zero"
+    fast = kind == "expert" and mode == "contribution"
     capture = _BASE_CAPTURE if fast else frozenset({"blocks.resid_pre"})
     cache, base, base_nll, n_pred = _baseline(params, tokens, cfg, expert_impl, capture)
     out = {"layer": [], "unit": [], "nll": [], "kl": []}
@@ -208,26 +225,28 @@ def ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None, chu
                                               jnp.int32(cfg.moe_layer_ids.index(layer)),
                                               jnp.asarray(units_padded, jnp.int32), cfg, expert_impl)
             else:
-                ivs = _ablation_ivs(cfg, kind, mode, layer, units_padded)
+                ivs = _ablation_ivs(cfg, kind, mode, layer, units_padded, targets)
                 nll, kl = _sweep_layer(params, tokens, cache["blocks.resid_pre"][layer], base, ivs,
                                        jnp.int32(layer), cfg, expert_impl)
             out["layer"] += [layer] * len(units)
             out["unit"] += units
             out["nll"].append(np.asarray(nll)[: len(units)])
             out["kl"].append(np.asarray(kl)[: len(units)])
-    return {"layer": np.asarray(out["layer"]), "unit": np.asarray(out["unit"]),
-            "nll": np.concatenate(out["nll"]).astype(np.float64), "kl": np.concatenate(out["kl"]).astype(np.float64),
-            "base_nll": float(base_nll), "n_pred": float(n_pred)}
+    res = {"layer": np.asarray(out["layer"]), "unit": np.asarray(out["unit"]),
+           "nll": np.concatenate(out["nll"]).astype(np.float64), "kl": np.concatenate(out["kl"]).astype(np.float64),
+           "base_nll": float(base_nll), "n_pred": float(n_pred)}
+    return res if targets is None else {**res, "to": targets[res["unit"]]}
 
 
-def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=None,
-                           expert_impl="sparse") -> dict:
+def separate_ablation_sums(model, tokens, *, kind="expert", mode="contribution", layers=None,
+                           expert_impl="sparse", swap_to=None) -> dict:
     """The same sums as :func:`ablation_sums`, one full ``model.run`` per ablation (the reference and the
     benchmark's baseline)."""
     from ..interventions import Interventions
 
     cfg = model.cfg
-    n_units = _check_kind(cfg, kind, mode)
+    n_units, mode = _check_kind(cfg, kind, mode)
+    targets = swap_targets(cfg, swap_to) if mode == "swap" else None
     tokens = model.to_tokens(tokens)
     layers = _layers(layers, cfg, kind)
     base = jnp.asarray(model.run(tokens, expert_impl=expert_impl).logits)
@@ -236,12 +255,8 @@ def separate_ablation_sums(model, tokens, *, kind="expert", mode="zero", layers=
     none = Interventions.none(cfg)
     for layer in layers:
         for u in range(n_units):
-            if kind == "head":
-                iv = none.ablate_head(layer, u)
-            elif mode == "zero":
-                iv = none.zero_expert(layer, u)
-            else:
-                iv = none.remove_expert(layer, u)
+            iv = (none.ablate_head(layer, u) if kind == "head" else
+                  none.ablate_expert(layer, u, how=mode, to=None if targets is None else int(targets[u])))
             logits = jnp.asarray(model.run(tokens, interventions=iv, expert_impl=expert_impl).logits)
             nll, kl, _ = _lm_sums_jit(logits, jnp.asarray(tokens), cfg.pad_token, base)
             out["layer"].append(layer)
@@ -256,32 +271,42 @@ def sums_to_frame(sums: dict, kind: str) -> pd.DataFrame:
     n = max(sums["n_pred"], 1.0)
     loss = sums["nll"] / n
     base = sums["base_nll"] / n
-    return pd.DataFrame({"layer": sums["layer"], kind: sums["unit"], "loss": loss, "base_loss": base,
+    to = {"to": sums["to"]} if "to" in sums else {}
+    return pd.DataFrame({"layer": sums["layer"], kind: sums["unit"], **to, "loss": loss, "base_loss": base,
                          "delta_loss": loss - base, "kl": sums["kl"] / n,
                          "n_tokens": np.full(len(loss), int(sums["n_pred"]))})
 
 
-def ablation_sweep(model, data, *, kind="expert", mode="zero", layers=None, chunk=None, batch_size=8,
-                   max_len=None, expert_impl="sparse", progress=True) -> pd.DataFrame:
+def ablation_sweep(model, data, *, kind="expert", mode="contribution", layers=None, chunk=None, batch_size=8,
+                   max_len=None, expert_impl="sparse", progress=True, swap_to=None) -> pd.DataFrame:
     """Ablate every (layer, expert) — or (layer, head) with ``kind="head"`` — one at a time, over a dataset.
 
     ``data``: token ids [batch, seq] (one batch), or anything :func:`grokviz.analysis.dataset.batches` accepts
-    (texts, token lists, None for the bundled validation split). ``mode`` (experts): ``"zero"`` multiplies the
-    expert's gated output by 0 with routing unchanged; ``"remove"`` makes the router skip it (tokens take their
-    next choice; gates by the family's rule over the experts selected). Returns one row per ablation: layer,
-    expert|head, loss, base_loss, delta_loss (nats), kl (nats, baseline || ablated), n_tokens."""
-    _check_kind(model.cfg, kind, mode)  # bad arguments fail before any data is read
+    (texts, token lists, None for the bundled validation split). ``mode`` (experts; grokviz.interventions
+    ABLATIONS): ``"contribution"`` (old name ``"zero"``) multiplies the expert's gated output by 0 with routing
+    unchanged; ``"route_around"`` (``"remove"``) makes the router skip it (tokens take their next choice; gates by
+    the family's rule over the experts selected); ``"swap"`` sends its slots to expert ``swap_to`` at the same gates
+    (:func:`swap_targets`: default ``e -> (e + 1) % E``). Returns one row per ablation: layer, expert|head (and
+    ``to`` under swap), loss, base_loss, delta_loss (nats), kl (nats, baseline || ablated), n_tokens. Example::
+
+        gv.analysis.ablation_sweep(model, None, mode="swap", swap_to=0, max_len=64)
+    """
+    _, mode = _check_kind(model.cfg, kind, mode)  # bad arguments fail before any data is read
+    if mode == "swap":
+        swap_targets(model.cfg, swap_to)
     layers = _layers(layers, model.cfg, kind)
     chunk = None if chunk is None else _chunk(chunk)
     if _is_token_batch(data):
-        sums = ablation_sums(model, data, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl)
+        sums = ablation_sums(model, data, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl,
+                             swap_to=swap_to)
         return sums_to_frame(sums, kind)
     from .dataset import batches
 
     total = None
     for toks in batches(model, data, batch_size=batch_size, max_len=max_len, progress=progress,
                         desc=f"{kind} ablation sweep"):
-        s = ablation_sums(model, toks, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl)
+        s = ablation_sums(model, toks, kind=kind, mode=mode, layers=layers, chunk=chunk, expert_impl=expert_impl,
+                          swap_to=swap_to)
         if total is None:
             total = s
         else:
