@@ -41,6 +41,7 @@ ENV_ID = "GROKVIZ_PROCESS_ID"
 ENV_STATUS = "GROKVIZ_STATUS_FILE"
 ENV_HEARTBEAT = "GROKVIZ_HEARTBEAT_S"
 ENV_INIT_TIMEOUT = "GROKVIZ_INIT_TIMEOUT_S"
+CLUSTER_VARS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "TPU_WORKER_HOSTNAMES")
 DEFAULT_HEARTBEAT_S = 10
 DEFAULT_INIT_TIMEOUT_S = 60
 
@@ -114,6 +115,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids,
                                    initialization_timeout=int(init_t), heartbeat_timeout_seconds=int(hb))
+    except RuntimeError as e:  # JAX already in use in this process (a notebook): stay one process if that is all
+        if all(given) or "must be called before" not in str(e) or any(v in os.environ for v in CLUSTER_VARS):
+            raise
+        _mark_joined("running (single process; JAX was already initialised)")
+        return info()
     except ValueError as e:
         if all(given) or "coordinator_address should be defined" not in str(e):
             raise

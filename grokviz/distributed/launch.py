@@ -4,8 +4,9 @@ multi-process runs on one machine and for tests.
 Each child gets ``GROKVIZ_COORDINATOR=127.0.0.1:<free port>``, ``GROKVIZ_NUM_PROCESSES``, ``GROKVIZ_PROCESS_ID``,
 ``GROKVIZ_STATUS_FILE`` (where :func:`grokviz.distributed.set_phase` records its phase), ``JAX_PLATFORMS=cpu`` and
 ``XLA_FLAGS=--xla_force_host_platform_device_count=K``; :func:`grokviz.distributed.initialize` reads them (gloo
-CPU collectives). A leading ``grokviz`` in COMMAND runs this interpreter's ``python -m grokviz.cli``. Output lines
-are forwarded prefixed ``[p<i>]`` (gloo's per-connection chatter is dropped).
+CPU collectives). A leading ``grokviz`` in COMMAND runs this interpreter's ``python -m grokviz.cli``, a leading
+``python`` this interpreter. Output lines are forwarded prefixed ``[p<i>]`` (gloo's per-connection chatter is
+dropped).
 
 **Bounds** (never a silent hang): the launcher exits non-zero, naming the process, its exit status and its last
 phase, when
@@ -99,6 +100,8 @@ def launch(command, n: int, *, devices_per_process: int = 1, grace: float = 5.0,
     command = list(command)
     if command[0] == "grokviz":
         command = [sys.executable, "-m", "grokviz.cli", *command[1:]]
+    elif command[0] in ("python", "python3"):
+        command = [sys.executable, *command[1:]]
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="grokviz-launch-"))
     base = dict(os.environ if env is None else env)

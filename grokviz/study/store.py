@@ -68,7 +68,7 @@ def read(path: Path, fmt: str, fingerprint: str | None = None, what: str = "file
     (``fingerprint`` given) of another study."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta_json = str(arrays.pop("meta"))
         checksum = str(arrays.pop("checksum"))
