@@ -1,4 +1,9 @@
-"""AblationLab: take experts or heads out and watch the prediction, the loss and the routing change."""
+"""AblationLab: take experts or heads out and watch the prediction, the loss and the routing change.
+
+The expert mode control offers the three named ablations (grokviz.interventions.ABLATIONS): *route around*
+(stored as ``"remove"``: the router skips the expert, the next-best takes its slot), *contribution* (``"zero"``:
+its output x 0, routing unchanged) and *swap* (``"swap"``: its slots run another expert at the same gates; the
+``to`` menu picks the target, by default the next expert ``e + 1 mod E``)."""
 
 from __future__ import annotations
 
@@ -35,15 +40,22 @@ CHECKBOX_MAX = 16      # up to this many experts, the selected layer also gets o
 class AblationState:
     removed: set = dataclasses.field(default_factory=set)   # {(layer, expert)}, layer = a MoE layer's number
     heads: set = dataclasses.field(default_factory=set)     # {(layer, head)}
-    mode: str = "remove"                                    # "remove": reroute; "zero": keep routing, zero output
+    mode: str = "remove"            # "remove": route around; "zero": contribution x 0; "swap": run another expert
     layer: int = 0                                          # the layer the controls edit
+    # the swap target (-1: the next expert, e + 1 mod E); a plain attribute, not a field, so the view's repr
+    # keeps its form (the summary line names the target)
+    swap_to = -1
 
     def interventions(self, base: Interventions) -> Interventions:
         """``base`` with this state's ablations added (same shapes as ``base``: never recompiles)."""
         iv = base
         if self.removed:
             ls, es = (np.asarray(v) for v in zip(*sorted(self.removed)))
-            iv = iv.remove_expert(ls, es) if self.mode == "remove" else iv.zero_expert(ls, es)
+            if self.mode == "swap":
+                E = base.expert_swap.shape[-1]
+                iv = iv.swap_expert(ls, es, (es + 1) % E if self.swap_to < 0 else np.full_like(es, self.swap_to))
+            else:
+                iv = iv.remove_expert(ls, es) if self.mode == "remove" else iv.zero_expert(ls, es)
         if self.heads:
             ls, hs = (np.asarray(v) for v in zip(*sorted(self.heads)))
             iv = iv.ablate_head(ls, hs)
@@ -161,10 +173,17 @@ class AblationLab(View):
                                                               tooltip=f"ablate head {h} of the layer",
                                                               layout=W.Layout(width="48px")))
         self.expert_boxes, self.head_boxes = self.expert_picker.boxes, self.head_picker.boxes   # edited layer's
-        self.mode_select = W.ToggleButtons(options=[("remove (reroute)", "remove"), ("zero output", "zero")],
-                                           value="remove", description="experts")
+        self.mode_select = W.ToggleButtons(options=[("route around", "remove"), ("contribution (x 0)", "zero"),
+                                                    ("swap", "swap")], value="remove", description="experts",
+                                           tooltips=["dropped from the top-k; the next-best expert takes its slot",
+                                                     "its gated output x 0; routing unchanged",
+                                                     "its slots run the 'to' expert at the same gates"])
         self.mode_select.add_class("gv-ablation-mode")
         self.mode_select.observe(self._on_mode, names="value")
+        self.swap_select = W.Dropdown(options=[("next (e+1)", -1)] + [(f"E{e}", e) for e in range(E)], value=-1,
+                                      description="to", disabled=True, layout=W.Layout(width="160px"))
+        self.swap_select.add_class("gv-ablation-swap-to")
+        self.swap_select.observe(self._on_swap_to, names="value")
         self.layer_select.observe(self._on_layer, names="value")
         self.reset_button = W.Button(description="reset")
         self.reset_button.on_click(lambda _: self.reset())
@@ -176,7 +195,7 @@ class AblationLab(View):
         self.route_fig = figure_widget(self._route(), w_route)
         self.figures = [self.dist_fig, self.route_fig]
         self.html_parts = [self.summary]
-        controls = W.VBox([W.HBox([self.layer_select, self.mode_select, self.reset_button],
+        controls = W.VBox([W.HBox([self.layer_select, self.mode_select, self.swap_select, self.reset_button],
                                   layout=W.Layout(flex_flow="row wrap")),
                            self.expert_picker.widget] + ([self.head_picker.widget] if show_heads else []))
         self._finish([controls, self.summary, flex_row([self.dist_fig, self.route_fig], width)],
@@ -220,10 +239,15 @@ class AblationLab(View):
 
     def _on_mode(self, change) -> None:
         self.state.mode = change["new"]
+        self.swap_select.disabled = change["new"] != "swap"
         if self.state.removed:
             self._changed("run")
         else:
             self._changed("summary")
+
+    def _on_swap_to(self, change) -> None:
+        self.state.swap_to = int(change["new"])
+        self._changed("run" if self.state.removed and self.state.mode == "swap" else "summary")
 
     def select_layer(self, layer: int) -> None:
         """Edit ``layer`` in the controls (nothing is re-run)."""
@@ -264,10 +288,21 @@ class AblationLab(View):
         ids = set(self.state.at("heads", layer))
         self.set_heads(layer, sorted(ids | {head} if on else ids - {head}))
 
-    def set_mode(self, mode: str) -> None:
-        if mode not in ("remove", "zero"):
-            raise ValueError(f"mode must be 'remove' or 'zero', got {mode!r}")
-        self.mode_select.value = mode
+    def set_mode(self, mode: str, to: int | None = None) -> None:
+        """The expert ablation: ``"route_around"`` (or ``"remove"``), ``"contribution"`` (or ``"zero"``) or
+        ``"swap"`` (``to``: the target expert; default the next one, e + 1 mod E)::
+
+            lab.set_mode("swap", to=3)
+        """
+        from ..interventions import ablation_name
+
+        name = ablation_name(mode)
+        if to is not None:
+            if name != "swap":
+                raise ValueError("to= (the swap target) goes with mode 'swap' only")
+            self.swap_select.value = check_index("to", to, self.cfg.num_experts,
+                                                 f"the model has {self.cfg.num_experts} experts")
+        self.mode_select.value = {"route_around": "remove", "contribution": "zero", "swap": "swap"}[name]
 
     def reset(self) -> None:
         """Clear every ablation: one model run at most (none when nothing was ablated)."""
@@ -302,7 +337,10 @@ class AblationLab(View):
                          + [f"L{l} h{format_ids(self.state.at('heads', l))}"
                             for l in sorted({l for l, _ in self.state.heads})]) or "nothing"
         changed = float((self._first(b) != self._first(c)).mean())
-        return (f"<b>ablated ({self.state.mode}):</b> {what} &nbsp; <b>loss</b> {b['loss']:.4f} \u2192 "
+        # the stored mode names (remove = route around, zero = contribution) as the browser test reads them
+        mode = self.state.mode if self.state.mode != "swap" else "swap to " + (
+            "next" if self.state.swap_to < 0 else f"E{self.state.swap_to}")
+        return (f"<b>ablated ({mode}):</b> {what} &nbsp; <b>loss</b> {b['loss']:.4f} \u2192 "
                 f"{c['loss']:.4f} ({c['loss'] - b['loss']:+.4f}) &nbsp; <b>KL(next token)</b> {self._kl():.4f} "
                 f"&nbsp; <b>routing changed</b> {changed:.1%}")
 
