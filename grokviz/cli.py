@@ -4,6 +4,7 @@
 
     grokviz inspect PATH [--plan] [--devices 8 | --mesh 1x8] [--dtype int8]
     grokviz inspect --plan grok-1 --devices 8 --dtype int8      # plan for a preset, no checkpoint needed
+    grokviz inspect --plan grok-1 --hosts 2 --devices 8         # 2 hosts x 8 devices: mesh (2, 8), per host too
     grokviz convert SRC DST [--config JSON] [--overwrite] [--shard-gb 4]   # SRC: release or Hugging Face folder
     grokviz verify PATH [--manifest FILE] [--config JSON]
     grokviz manifest PATH [--write | -o FILE]
@@ -34,7 +35,7 @@ def _mesh_shape(args) -> tuple[int, int]:
     if args.mesh:
         data, _, model = args.mesh.lower().partition("x")
         return int(data), int(model)
-    return 1, int(args.devices)
+    return int(getattr(args, "hosts", 1) or 1), int(args.devices)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -93,6 +94,10 @@ def cmd_inspect(args) -> int:
             return 2
         plan = plan_memory(cfg, _mesh_shape(args), args.dtype)
         print(plan.table())
+        if args.hosts > 1:
+            from .sharding import host_table
+
+            print(host_table(plan, args.hosts))
     return 0
 
 
@@ -214,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="format, config, parameter count, dtypes, bytes (and a memory plan)")
     s.add_argument("path", help="checkpoint directory, or a preset name (grok-1, golden) for --plan")
     s.add_argument("--plan", action="store_true", help="print the per-device memory plan")
-    s.add_argument("--devices", type=int, default=8, help="devices on the model axis (mesh 1 x N)")
+    s.add_argument("--devices", type=int, default=8, help="devices on the model axis (mesh 1 x N; with --hosts H: "
+                   "devices per host, mesh H x N)")
+    s.add_argument("--hosts", type=int, default=1, help="hosts (processes) the data axis spans: adds per-host memory "
+                   "and the checkpoint bytes each host reads")
     s.add_argument("--mesh", help="mesh shape DATAxMODEL, e.g. 2x4 (overrides --devices)")
     s.add_argument("--dtype", default="int8", choices=["int8", "bf16", "fp32"])
     s.add_argument("--config", help="config JSON (file or string) when the checkpoint does not record one")

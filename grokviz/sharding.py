@@ -204,3 +204,38 @@ def plan_memory(cfg: GrokConfig, mesh_shape: Sequence[int] = (1, 8), dtype: str 
             dt = plain_dtype if dtype == "int8" else dtype
             add(name, name, shape, _DTYPE_BYTES[dt], dt)
     return MemoryPlan(cfg.name, tuple(int(s) for s in mesh_shape), dtype, nparams, total, per_dev, tuple(leaves))
+
+
+# --- hosts x devices ---------------------------------------------------------------------------------------
+
+def host_plan(plan: MemoryPlan, hosts: int) -> dict:
+    """Per-host figures of ``plan`` when its ``data`` axis spans ``hosts`` processes (as
+    :func:`grokviz.distributed.global_mesh` lays it out: each host holds a contiguous 1/hosts of the data axis and
+    the whole model axis). ``read_bytes``: checkpoint bytes each host reads when it reads only its devices'
+    shards (:mod:`grokviz.distributed.sharded`): 1/hosts of every leaf split over ``data``, all of the others."""
+    data, model = plan.mesh_shape
+    if hosts < 1 or data % hosts:
+        raise ValueError(f"the data axis ({data}) must be a multiple of the number of hosts ({hosts}); use a mesh "
+                         f"of {hosts * max(data // hosts, 1)} x N")
+    per_host_devices = plan.num_devices // hosts
+    read = 0
+    for _, shape, dt, spec, _ in plan.leaves:
+        b = int(np.prod(shape, dtype=np.int64)) * _DTYPE_BYTES[dt]
+        axes = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+        read += b // hosts if "data" in axes and hosts > 1 else b
+    return {"hosts": hosts, "devices_per_host": per_host_devices,
+            "host_bytes": plan.per_device_bytes * per_host_devices, "read_bytes": read,
+            "checkpoint_bytes": sum(int(np.prod(s, dtype=np.int64)) * _DTYPE_BYTES[d] for _, s, d, _, _ in
+                                    plan.leaves)}
+
+
+def host_table(plan: MemoryPlan, hosts: int) -> str:
+    h = host_plan(plan, hosts)
+    gb = 1e9
+    return "\n".join([
+        f"hosts x devices: {h['hosts']} x {h['devices_per_host']} (the data axis spans hosts, the model axis stays "
+        f"inside each)",
+        f"  per device {plan.per_device_bytes / gb:.2f} GB; per host {h['host_bytes'] / gb:.2f} GB of device memory "
+        f"for parameters",
+        f"  each host reads {h['read_bytes'] / gb:.2f} GB of the {h['checkpoint_bytes'] / gb:.2f} GB of tensors "
+        f"(only its devices' shards; grokviz.distributed.sharded)"])

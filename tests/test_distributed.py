@@ -154,3 +154,17 @@ def test_launch_argument_errors():
 def test_results_differ_from_a_foreign_spec(tmp_path, one_process):
     spec = dataclasses.replace(study.load_spec(_spec_copy(tmp_path)), batches_per_round=2)
     assert study.prepare(spec).fingerprint != one_process.meta["fingerprint"]
+
+
+def test_inspect_plan_hosts_x_devices(capsys):
+    from grokviz.cli import main
+
+    assert main(["inspect", "--plan", "grok-1", "--hosts", "2", "--devices", "8", "--dtype", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh (data, model) = (2, 8) (16 devices)" in out and "hosts x devices: 2 x 8" in out
+    per_dev = float(re.search(r"parameter bytes per device ([\d.]+) GB", out).group(1))
+    per_host = float(re.search(r"per host ([\d.]+) GB", out).group(1))
+    read, total = map(float, re.search(r"each host reads ([\d.]+) GB of the ([\d.]+) GB", out).groups())
+    assert abs(per_host - 8 * per_dev) < 0.05 and 0.49 * total < read < 0.51 * total
+    assert main(["inspect", "--plan", "grok-1", "--hosts", "2", "--mesh", "3x8"]) == 1
+    assert "multiple of the number of hosts" in capsys.readouterr().err
