@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from ..config import is_real
 from ..model import KVCache, forward
+from ..model.transformer import split_layers
 from . import keys as keys_mod
 from .sampler import TOP_CANDIDATES, sample
 from .stream import emit
@@ -97,13 +98,17 @@ def _program(params, args: Traced, iv, patches, *, cfg, n_bucket, capture, rng, 
     pre = forward(params, args.prompt, cfg, capture=capture, interventions=iv, expert_impl=expert_impl, kv=kv)
     layouts = LAYOUTS.setdefault((cfg, capture), [dict(pre.layout), {}])
 
+    unroll = cfg.num_layers <= UNROLL_DECODE_MAX_LAYERS
+    # sliced once, outside the loop, so each step reads the layers' weights in place (transformer.split_layers)
+    dec_params = split_layers(params, cfg) if unroll else params
+
     def decode(kv, token, i):
         # one token per row: the layers are unrolled (static weight slices), so each step reads only its selected
         # experts' weights (moe.experts_gathered); in a scan XLA copies every layer's whole expert stack out of
         # the scanned params first (config of record, batch 1: 10.3 -> 5.6 ms per step). Up to 32 layers, to bound
         # the compile time of very deep models.
-        out = forward(params, token[:, None], cfg, capture=capture, interventions=_step_interventions(iv, patches, i),
-                      expert_impl=expert_impl, kv=kv, unroll=cfg.num_layers <= UNROLL_DECODE_MAX_LAYERS)
+        out = forward(dec_params, token[:, None], cfg, capture=capture,
+                      interventions=_step_interventions(iv, patches, i), expert_impl=expert_impl, kv=kv, unroll=unroll)
         layouts[1] = dict(out.layout)
         return out.logits[:, 0], {k: _drop_seq(k, v) for k, v in out.cache.items()}, out.kv
 

@@ -166,6 +166,33 @@ def _segment_params(blocks, cfg, a, b, moe):
     return out
 
 
+def split_layers(params, cfg) -> dict:
+    """``params`` with ``blocks`` as a tuple of per-layer dicts (each leaf that layer's slice, by its own layer
+    axis), for an unrolled run (``run_blocks(..., unroll=True)`` accepts either form; the result is the same).
+
+    Why: inside a loop (the decode loop of :mod:`grokviz.generation.loop`) XLA CPU copies a static layer slice of
+    a stacked leaf out of it on every iteration before a matmul reads it (config of record, batch 4: 12 MB of
+    expert weights per layer and step). Slicing once before the loop makes the slices loop invariants, read in
+    place."""
+    blocks = params["blocks"]
+    moe_of = {la: i for i, la in enumerate(cfg.moe_layer_ids)}
+    dense_of = {la: i for i, la in enumerate(cfg.dense_layer_ids)}
+    layers = []
+    for la in range(cfg.num_layers):
+        one = {}
+        for name, leaf in blocks.items():
+            if name in MOE_LEAVES:
+                if la in moe_of:
+                    one[name] = jax.tree_util.tree_map(lambda x, i=moe_of[la]: x[i], leaf)
+            elif name in DENSE_LEAVES:
+                if la in dense_of:
+                    one[name] = jax.tree_util.tree_map(lambda x, i=dense_of[la]: x[i], leaf)
+            else:
+                one[name] = jax.tree_util.tree_map(lambda x, i=la: x[i], leaf)
+        layers.append(one)
+    return {**params, "blocks": tuple(layers)}
+
+
 def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length=None, capture=frozenset(),
                interventions=None, patches=None, callbacks=None, expert_impl="sparse", unroll=False,
                attn_spec: AttentionSpec | None = None, kv: KVCache | None = None) -> Blocks:
@@ -223,8 +250,11 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
 
     bufs = {} if maps is None else maps.allocate(cfg, *tokens.shape, attn_spec, None if kv is None else kv.size)
     per_seg, kv_out = [], []
+    split = isinstance(params["blocks"], tuple)  # per-layer params (split_layers)
+    if split and not unroll:
+        raise ValueError("per-layer params (split_layers) need unroll=True")
     for a, b, moe in segments(cfg, layers):
-        xs = (_segment_params(params["blocks"], cfg, a, b, moe),
+        xs = (params["blocks"][a:b] if split else _segment_params(params["blocks"], cfg, a, b, moe),
               None if interventions is None else jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], interventions),
               jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], patches), jnp.arange(a, b),
               None if kv is None else (kv.k[a:b], kv.v[a:b]))
@@ -232,7 +262,9 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
         if unroll:
             outs = []
             for i in range(b - a):
-                (h, bufs), y = body((h, bufs), jax.tree_util.tree_map(lambda x, i=i: x[i], xs))
+                xs_i = jax.tree_util.tree_map(lambda x, i=i: x[i], xs[1:])
+                (h, bufs), y = body((h, bufs), ((xs[0][i] if split else
+                                                 jax.tree_util.tree_map(lambda x, i=i: x[i], xs[0])),) + xs_i)
                 outs.append(y)
             ys = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs) if outs and (outs[0][0] or kv is not None) \
                 else ({}, None)
