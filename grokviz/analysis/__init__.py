@@ -20,6 +20,7 @@ from . import attribution as attribution
 from . import common as common
 from . import dataset as dataset
 from . import experts as experts
+from . import fragility as fragility
 from . import patching as patching
 from . import routing as routing
 from . import specialisation as specialisation
@@ -38,6 +39,9 @@ from .experts import expert_lens as expert_lens
 from .experts import expert_outputs as expert_outputs
 from .experts import single_expert_substitution as single_expert_substitution
 from .experts import top_expert_agreement as top_expert_agreement
+from .fragility import routing_fragility as routing_fragility
+from .fragility import selection_flips as selection_flips
+from .fragility import topk_margin as topk_margin
 from .patching import ablation_sweep as ablation_sweep
 from .patching import activation_patching as activation_patching
 from .patching import patch_sweep as patch_sweep
