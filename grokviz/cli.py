@@ -209,7 +209,8 @@ def cmd_launch(args) -> int:
 
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     return launch(command, args.n, devices_per_process=args.devices_per_process, grace=args.grace,
-                  join_timeout=args.join_timeout, timeout=args.timeout, heartbeat=args.heartbeat)
+                  join_timeout=args.join_timeout, timeout=args.timeout, heartbeat=args.heartbeat,
+                  cpus_per_process=args.cpus_per_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--join-timeout", type=float, default=90.0)
     s.add_argument("--timeout", type=float, default=None, help="wall-clock limit for the whole job")
     s.add_argument("--heartbeat", type=int, default=None, help="jax.distributed heartbeat timeout (s), default 10")
+    s.add_argument("--cpus-per-process", type=int, default=None, help="pin each process to its own C cores")
     s.add_argument("command_line", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     s.set_defaults(fn=cmd_launch)
 

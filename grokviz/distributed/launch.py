@@ -44,13 +44,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent():  # runs in the child between fork and exec
-    try:
-        import ctypes
+def _child_setup(cpus=None):
+    def setup():  # runs in the child between fork and exec
+        try:
+            import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
+
+
+def _cpus_of(i: int, per: int) -> set[int]:
+    have = sorted(os.sched_getaffinity(0))
+    return {have[(i * per + j) % len(have)] for j in range(per)}
 
 
 def _xla_flags(existing: str, k: int) -> str:
@@ -89,9 +98,11 @@ def _forward(stream, prefix, out):
 
 
 def launch(command, n: int, *, devices_per_process: int = 1, grace: float = 5.0, join_timeout: float = 90.0,
-           timeout: float | None = None, heartbeat: int | None = None, env: dict | None = None, out=None) -> int:
+           timeout: float | None = None, heartbeat: int | None = None, cpus_per_process: int | None = None,
+           env: dict | None = None, out=None) -> int:
     """Run ``command`` (a list) as ``n`` processes of one job; 0 when all exit 0, else 1 with the message on
-    stderr (see the module docstring for the bounds)."""
+    stderr (see the module docstring for the bounds). ``cpus_per_process``: pin process ``i`` to its own
+    ``cpus_per_process`` cores (Linux ``sched_setaffinity``; wraps around when there are fewer)."""
     if not command:
         raise ValueError("launch: no command given (put it after --)")
     if n < 1 or devices_per_process < 1:
@@ -116,7 +127,8 @@ def launch(command, n: int, *, devices_per_process: int = 1, grace: float = 5.0,
             status.append(tmp / f"p{i}.json")
             cenv = dict(base, **{ENV_ID: str(i), ENV_STATUS: str(status[i])})
             p = subprocess.Popen(command, env=cenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                 preexec_fn=_child_setup(cpus_per_process and _cpus_of(i, cpus_per_process))
+                                 if sys.platform.startswith("linux") else None)
             procs.append(p)
             th = threading.Thread(target=_forward, args=(p.stdout, f"[p{i}] ", out), daemon=True)
             th.start()
