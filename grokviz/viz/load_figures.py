@@ -180,3 +180,27 @@ def _rgba(color: str, alpha: float) -> str:
         h = color.lstrip("#")
         r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+def phase_summary(layers: Sequence[int], cv: Mapping[str, np.ndarray], cv_random: Mapping[str, float],
+                  tv: np.ndarray, n_tokens: Mapping[str, int]) -> go.Figure:
+    """Per MoE layer, how concentrated the expert load is during prompt processing (prefill) and generation
+    (decode): the load CV of each phase next to its uniformly-random-routing baseline (dotted, it depends on the
+    phase's token count), and the total variation distance between the two phases' load shares (right axis)."""
+    x = [int(l) for l in layers]
+    fig = go.Figure()
+    for phase, color in (("prefill", "#999999"), ("decode", "#EF553B")):
+        fig.add_trace(go.Scatter(x=x, y=finite(np.round(cv[phase], 5)), mode="lines+markers", line=dict(color=color),
+                                 name=f"load CV {phase} ({n_tokens[phase]} tokens)",
+                                 hovertemplate=f"layer %{{x}}: CV {phase} %{{y:.3f}}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=x, y=[round(float(cv_random[phase]), 5)] * len(x), mode="lines",
+                                 line=dict(color=color, dash="dot"), name=f"random routing, {phase}",
+                                 hovertemplate=f"random CV {phase}: %{{y:.3f}}<extra></extra>"))
+    fig.add_trace(go.Bar(x=x, y=finite(np.round(tv, 5)), name="TV(prefill, decode) load", yaxis="y2",
+                         marker_color="rgba(99,110,250,0.35)",
+                         hovertemplate="layer %{x}: total variation %{y:.3f}<extra></extra>"))
+    fig.update_layout(yaxis2=dict(overlaying="y", side="right", range=[0, 1], title="total variation",
+                                  showgrid=False), legend=dict(orientation="h", y=-0.3, x=0), barmode="overlay")
+    fig.update_xaxes(title=axis_title("layer"), tickmode="array", tickvals=x[::max(1, len(x) // 16)])
+    fig.update_yaxes(title="load CV (std / mean)", rangemode="tozero")
+    return apply(fig, title="Expert load concentration: prefill vs decode vs random routing", height=380)
