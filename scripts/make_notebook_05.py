@@ -165,6 +165,100 @@ if path is not None:
     print(tok, tok.encode("The answer to life the universe and everything is of course"))
 else:
     print("Grok-1 tokenizer not found (set $GROKVIZ_GROK1_TOKENIZER)")"""),
+    ("md", """
+## 10. Routing statistics over a dataset, as a job
+
+Statistics worth citing need many tokens. `grokviz study SPEC` runs a small TOML/JSON spec (model, dataset,
+batch size, what to collect) as a job: data-parallel over every process of a `jax.distributed` job (or in one
+process, as here), with integer counts reduced exactly and float sums added in global batch order, so any number
+of processes gives **bit-identical** results. Progress is checkpointed atomically after every round; a job killed
+at any point (even with `SIGKILL`) resumes where it stopped, with the same or another number of processes, and ends
+with the same results. The results are one `.npz` file that `grokviz.study.load` turns back into the
+`RoutingStats` of `grokviz.analysis`.
+
+Here: the bundled tiny model over the start of the corpus's held-out split."""),
+    ("code", """
+import subprocess, sys
+from grokviz import study
+
+runs = Path(tempfile.mkdtemp())
+spec_path = runs / "tiny_validation.toml"
+spec_path.write_text('''
+model = "tiny"
+output = "tiny_validation.npz"
+batch_size = 4
+max_len = 64
+batches_per_round = 2
+collect = ["routing", "top_tokens"]
+[dataset]
+corpus = "validation"
+limit = 2
+''')
+one = study.run(spec_path, progress=False)          # in this process
+one.routing.summary().round(3)"""),
+    ("md", """
+The same spec with 2 local processes of 2 CPU devices each: `grokviz launch` starts them with a coordinator on
+127.0.0.1 and gloo collectives, forwards their output prefixed `[p0]`/`[p1]`, and fails within a few seconds,
+naming the process and what it was doing, if one dies or never joins. The counts and sums are identical."""),
+    ("code", """
+spec2 = runs / "two.toml"
+spec2.write_text(spec_path.read_text().replace("tiny_validation.npz", "two_processes.npz"))
+job = subprocess.run([sys.executable, "-m", "grokviz.cli", "launch", "-n", "2", "--devices-per-process", "2", "--",
+                      "grokviz", "study", str(spec2), "--quiet"], capture_output=True, text=True)
+print("exit status", job.returncode, job.stderr[-500:])
+two = study.load(runs / "two_processes.npz")
+print("2 processes == 1 process, bit for bit:", two.same_as(one), f"({two.routing.n_tokens:,} tokens)")"""),
+    ("md", """
+### The study's results in the load dashboard's and routing views' figures
+
+`result.routing` is a `RoutingStats`: its load shares, co-activation counts, consecutive-token counts and
+first-choice flows go straight into the figures the `ExpertLoadDashboard` and `RoutingFlow` draw for one batch,
+here for the whole dataset."""),
+    ("code", """
+from grokviz.viz import load_figures as LF
+from grokviz.analysis import routing as R
+
+st = study.load(runs / "tiny_validation.npz").routing
+layer = 1
+rates = st.consecutive_rates()
+LF.load_share_heatmap(st.load_share(), "Expert load share per layer (dataset)").show()
+LF.coactivation_heatmap(st.coactivation[layer], layer, st.top_k).show()
+LF.consecutive_rates(np.arange(len(st.load)), rates["first_repeat"], rates["topk_overlap"],
+                     R.consecutive_baselines(st.num_experts, st.top_k)).show()
+LF.routing_sankey(list(st.flow)).show()"""),
+    ("code", """
+st.top_tokens(k=5).head(8)"""),
+    ("md", """
+Next to the dataset-level figures, the interactive views show one document token by token: which experts it
+uses, and whether the dataset's busiest expert at that layer dominates it too."""),
+    ("code", """
+from grokviz.viz import ExpertLoadDashboard, RoutingExplorer
+
+tiny = gv.load("tiny", progress=False)
+doc = study.load_spec(spec_path).documents()[0]["text"][:300]
+busiest = int(np.argmax(st.load[layer]))
+print(f"layer {layer}: busiest expert over the dataset is {busiest} "
+      f"({100 * st.load_share()[layer, busiest]:.1f} % of the routed slots)")
+ExpertLoadDashboard(tiny, doc, layer=layer)"""),
+    ("code", """
+RoutingExplorer(tiny, doc, layer=layer)"""),
+    ("md", """
+### On a cluster
+
+The spec does not change. Every process runs `grokviz study SPEC` (the output folder must be shared; only
+process 0 writes); `grokviz.distributed.initialize()` finds the job from the environment:
+
+* **SLURM**: `srun --nodes 2 --ntasks-per-node 1 grokviz study spec.toml` (JAX reads the `SLURM_*` variables;
+  one task per host, with all its GPUs).
+* **Kubernetes, or anything else**: set `GROKVIZ_COORDINATOR=host0:port`, `GROKVIZ_NUM_PROCESSES` and
+  `GROKVIZ_PROCESS_ID` in each pod (an indexed Job gives the index), or pass them to
+  `grokviz.distributed.initialize(coordinator, num_processes, process_id)`.
+
+A process that dies takes the job down within about twice the heartbeat timeout (`GROKVIZ_HEARTBEAT_S`, default
+10 s); rerun the same command (with as many processes as are available) and it resumes from the progress file.
+For a model larger than one host, `grokviz.distributed.sharded.load_converted(path,
+grokviz.distributed.global_mesh((hosts, devices)))` reads on each host only the bytes of its own devices' shards,
+and `grokviz inspect --plan grok-1 --hosts 2 --devices 8` gives the memory per device and per host."""),
 ]
 
 
