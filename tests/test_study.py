@@ -107,6 +107,22 @@ def test_attention_summaries(tiny, tmp_path):
     assert study.load(spec.output).attention.summary().equals(a)
 
 
+def test_ablation_sweep_delta_loss(tiny, tmp_path):
+    spec = dataclasses.replace(_spec(tmp_path), collect=("ablation",), max_len=32,
+                               ablation=(("kind", "expert"), ("layers", (2,)), ("mode", "contribution")),
+                               dataset={"files": [str(tmp_path / "doc.txt")]})
+    (tmp_path / "doc.txt").write_text(study.load_spec(SPEC).documents()[0]["text"][:600])  # 2 batches of 4 x 32
+    res = study.run(spec, model=tiny, progress=False)
+    ref = gv.analysis.ablation_sweep(tiny, spec.documents(), batch_size=spec.batch_size, max_len=32, layers=[2],
+                                     progress=False)
+    got = res.ablation
+    assert list(got.columns) == list(ref.columns) and len(got) == 8 and set(got["layer"]) == {2}
+    assert got[["layer", "expert", "n_tokens"]].equals(ref[["layer", "expert", "n_tokens"]])
+    np.testing.assert_allclose(got[["loss", "base_loss", "delta_loss", "kl"]].to_numpy(),
+                               ref[["loss", "base_loss", "delta_loss", "kl"]].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert study.load(spec.output).ablation.equals(got)
+
+
 def test_hf_family_study_from_token_file(tmp_path):
     ids = np.random.default_rng(0).integers(3, 488, size=(10, 40))
     np.save(tmp_path / "ids.npy", ids)

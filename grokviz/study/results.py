@@ -19,6 +19,16 @@ class StudyResult:
     routing: D.RoutingStats | None
     attention: D.AttentionStats | None
     meta: dict
+    ablation_sums: dict | None = None   # ablation_sums's keys, summed over the dataset
+
+    @property
+    def ablation(self):
+        """The ablation sweep's table (:func:`grokviz.analysis.patching.sums_to_frame`), or None."""
+        if self.ablation_sums is None:
+            return None
+        from ..analysis import patching as PT
+
+        return PT.sums_to_frame(self.ablation_sums, self.ablation_sums["kind"])
 
     def arrays(self) -> dict:
         """Every statistic as named numpy arrays (what the results file stores besides ``meta``)."""
@@ -41,6 +51,8 @@ class StudyResult:
         if self.attention is not None:
             out.update({f"att_{k}": np.asarray(v) for k, v in self.attention.sums.items()})
             out["att_group_size"] = np.array([self.attention.group_size])
+        if self.ablation_sums is not None:
+            out.update({f"abl_{k}": np.asarray(v) for k, v in self.ablation_sums.items()})
         return out
 
     def same_as(self, other: StudyResult) -> bool:
@@ -70,7 +82,15 @@ def from_totals(plan, ints: dict, floats: dict) -> StudyResult:
             if k.startswith("att_n_"):
                 sums[k[4:]] = int(v[0])
         attention = D.AttentionStats(sums, plan.model.cfg.group_size)
-    return StudyResult(routing, attention, {})
+    abl = None
+    if "ablation" in plan.spec.collect:
+        from .runner import ablation_labels
+
+        lay, unit = ablation_labels(plan)
+        abl = {"kind": dict(plan.spec.ablation)["kind"], "layer": lay, "unit": unit, "nll": floats["abl_nll"].copy(),
+               "kl": floats["abl_kl"].copy(), "base_nll": float(floats["abl_base_nll"][0]),
+               "n_pred": float(floats["abl_n_pred"][0])}
+    return StudyResult(routing, attention, {}, abl)
 
 
 def save(result: StudyResult, path, meta: dict) -> Path:
@@ -91,8 +111,12 @@ def load(path) -> StudyResult:
             z.get("class_counts"), z.get("token_counts"),
             {d: z["domain_counts"][i] for i, d in enumerate(names)},
             [str(x) for x in z["pieces"]] if "pieces" in z else None)
+    abl = None
+    if "abl_nll" in z:
+        abl = {k[4:]: z[k] for k in z if k.startswith("abl_")}
+        abl.update(kind=str(abl["kind"]), base_nll=float(abl["base_nll"]), n_pred=float(abl["n_pred"]))
     att = {k[4:]: z[k] for k in z if k.startswith("att_") and k != "att_group_size"}
     if att:
         att = {k: (int(v) if k.startswith("n_") else v) for k, v in att.items()}
         attention = D.AttentionStats(att, int(z["att_group_size"][0]))
-    return StudyResult(routing, attention, meta)
+    return StudyResult(routing, attention, meta, abl)

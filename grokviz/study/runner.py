@@ -31,6 +31,7 @@ import numpy as np
 from .. import distributed as dist
 from ..analysis import attention as A
 from ..analysis import dataset as D
+from ..analysis import patching as PT
 from ..analysis import specialisation as S
 from . import store
 from .spec import Spec, load_spec, model_fingerprint
@@ -76,7 +77,18 @@ def _layout(plan: Plan):
         lh = (cfg.num_layers, cfg.num_q_heads)
         ints += [(f"att_n_{k}", (1,)) for k in ATT_FLOAT]
         floats += [(f"att_{k}", lh) for k in ATT_FLOAT]
+    if "ablation" in plan.spec.collect:
+        n = len(ablation_labels(plan)[0])
+        floats += [("abl_nll", (n,)), ("abl_kl", (n,)), ("abl_base_nll", (1,)), ("abl_n_pred", (1,))]
     return ints, floats
+
+
+def ablation_labels(plan: Plan):
+    """(layer [n], unit [n]) of the sweep, in ablation_sums's order."""
+    cfg, a = plan.model.cfg, dict(plan.spec.ablation)
+    units = cfg.num_experts if a["kind"] == "expert" else cfg.num_q_heads
+    layers = PT._layers(None if a["layers"] is None else list(a["layers"]), cfg, a["kind"])
+    return np.repeat(layers, units), np.tile(np.arange(units), len(layers))
 
 
 def _pack(parts: dict, layout, dtype) -> np.ndarray:
@@ -107,9 +119,10 @@ def batch_parts(plan: Plan, b: int) -> tuple[dict, dict]:
     toks, domains = plan.batches[b]
     capture = (ROUTING_CAPTURE if plan.template is not None else []) + \
         (ATTENTION_CAPTURE if "attention" in plan.spec.collect else [])
-    run = plan.model.run(toks, capture=capture, expert_impl=plan.spec.expert_impl)
-    real = np.asarray(run.real)
     ints, floats = {}, {}
+    if capture:
+        run = plan.model.run(toks, capture=capture, expert_impl=plan.spec.expert_impl)
+        real = np.asarray(run.real)
     if plan.template is not None:
         st = _zero_stats(plan.template)
         D._update_routing(st, {n: np.asarray(run.cache[n]) for n in ROUTING_CAPTURE}, toks, real, domains,
@@ -127,6 +140,14 @@ def batch_parts(plan: Plan, b: int) -> tuple[dict, dict]:
         for k in ATT_FLOAT:
             floats[f"att_{k}"] = s.get(k, np.zeros(lh))
             ints[f"att_n_{k}"] = [int(s.get(f"n_{k}", 0))]
+    if "ablation" in plan.spec.collect:
+        a = dict(plan.spec.ablation)
+        s = PT.ablation_sums(plan.model, toks, kind=a["kind"], mode=a["mode"], expert_impl=plan.spec.expert_impl,
+                             layers=None if a["layers"] is None else list(a["layers"]))
+        lay, unit = ablation_labels(plan)
+        if not (np.array_equal(s["layer"], lay) and np.array_equal(s["unit"], unit)):
+            raise RuntimeError("ablation_sums returned units in another order than the study's layout")
+        floats.update(abl_nll=s["nll"], abl_kl=s["kl"], abl_base_nll=[s["base_nll"]], abl_n_pred=[s["n_pred"]])
     return ints, floats
 
 

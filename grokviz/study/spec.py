@@ -7,7 +7,9 @@
     batch_size = 8                      # rows per global batch (the unit of work)
     max_len = 128                       # window length (default: the model's sequence_len)
     batches_per_round = 8               # global batches between progress checkpoints
-    collect = ["routing", "top_tokens"] # + "attention"
+    collect = ["routing", "top_tokens"] # + "attention", "ablation"
+    ablation = {kind = "expert", mode = "contribution"}   # for "ablation" (mode: contribution|route_around|swap;
+                                                          # kind "head": attention heads; layers = [...]: some)
     [dataset]
     corpus = "validation"               # the bundled corpus's split ("train" / "validation"), or
     # files = ["a.txt", "b.jsonl", "ids.npy"]   # .txt: one document; .jsonl: {"text"|"tokens", "domain"} a line;
@@ -19,7 +21,8 @@ Every key but ``model`` has a default. ``routing``: expert load, co-activation, 
 first-choice flow, token-class and domain counts, entropy / gate mass / z-loss / probability sums per layer
 (:class:`grokviz.analysis.dataset.RoutingStats`); ``top_tokens``: the per-(layer, token, expert) counts behind
 ``RoutingStats.top_tokens``; ``attention``: per-head attention summaries
-(:class:`grokviz.analysis.dataset.AttentionStats`).
+(:class:`grokviz.analysis.dataset.AttentionStats`); ``ablation``: an ablation sweep's loss sums per (layer,
+expert | head), the table of :func:`grokviz.analysis.patching.ablation_sweep` (loss, base loss, Δloss, KL).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import json
 import os
 from pathlib import Path
 
-COLLECT = ("routing", "top_tokens", "attention")
+COLLECT = ("routing", "top_tokens", "attention", "ablation")
 KEYS = {"model", "output", "progress", "batch_size", "max_len", "batches_per_round", "collect", "dataset",
-        "expert_impl"}
+        "expert_impl", "ablation"}
+ABLATION_MODES = ("contribution", "route_around", "swap")
 DATASET_KEYS = {"corpus", "files", "limit", "offset", "domain"}
 
 
@@ -47,6 +51,7 @@ class Spec:
     batches_per_round: int = 8
     collect: tuple = ("routing", "top_tokens")
     expert_impl: str = "sparse"
+    ablation: tuple = (("kind", "expert"), ("layers", None), ("mode", "contribution"))
     base: Path = Path(".")
 
     def model_path(self) -> str:
@@ -70,7 +75,9 @@ class Spec:
     def key(self) -> dict:
         """What decides the results besides the model and the data (fingerprinted)."""
         return {"batch_size": self.batch_size, "max_len": self.max_len, "batches_per_round": self.batches_per_round,
-                "collect": list(self.collect), "expert_impl": self.expert_impl}
+                "collect": list(self.collect), "expert_impl": self.expert_impl,
+                **({"ablation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.ablation}}
+                   if "ablation" in self.collect else {})}
 
 
 def _resolve(base: Path, p) -> Path:
@@ -166,6 +173,17 @@ def load_spec(spec) -> Spec:
         raise ValueError(f"study spec: collect must be a non-empty list from {COLLECT}, got {collect!r}")
     if "top_tokens" in collect and "routing" not in collect:
         raise ValueError("study spec: 'top_tokens' needs 'routing' in collect")
+    abl = raw.get("ablation", {})
+    if not isinstance(abl, dict) or set(abl) - {"kind", "mode", "layers"}:
+        raise ValueError(f"study spec: ablation must be a table with keys kind, mode, layers; got {abl!r}")
+    layers = abl.get("layers")
+    if layers is not None and (not isinstance(layers, list) or not all(isinstance(x, int) for x in layers)):
+        raise ValueError(f"study spec: ablation.layers must be a list of layer numbers, got {layers!r}")
+    abl = {"kind": abl.get("kind", "expert"), "mode": abl.get("mode", "contribution"),
+           "layers": None if layers is None else tuple(layers)}
+    if abl["kind"] not in ("expert", "head") or abl["mode"] not in ABLATION_MODES:
+        raise ValueError(f"study spec: ablation.kind must be 'expert' or 'head' and ablation.mode one of "
+                         f"{ABLATION_MODES}, got {abl!r}")
     impl = raw.get("expert_impl", "sparse")
     if impl not in ("sparse", "dense"):
         raise ValueError(f"study spec: expert_impl must be 'sparse' or 'dense', got {impl!r}")
@@ -176,7 +194,8 @@ def load_spec(spec) -> Spec:
                 batch_size=_int("batch_size", raw.get("batch_size", 8)),
                 max_len=_int("max_len", raw.get("max_len"), optional=True),
                 batches_per_round=_int("batches_per_round", raw.get("batches_per_round", 8)),
-                collect=tuple(c for c in COLLECT if c in collect), expert_impl=impl, base=base)
+                collect=tuple(c for c in COLLECT if c in collect), expert_impl=impl,
+                ablation=tuple(sorted(abl.items())), base=base)
 
 
 def model_fingerprint(spec: Spec, cfg) -> str:
