@@ -198,7 +198,11 @@ def cmd_study(args) -> int:
     log = print if info.process_id == 0 and not args.quiet else None
     if log:
         print(f"grokviz study: {info}; results -> {spec.output}", flush=True)
-    res = study.run(spec, progress=not args.quiet, log=(lambda m: print(m, flush=True)) if log else None)
+    try:
+        res = study.run(spec, progress=not args.quiet, log=(lambda m: print(m, flush=True)) if log else None)
+    except RuntimeError as e:
+        print(f"grokviz study: error: {e}", file=sys.stderr, flush=True)
+        return 1
     if log and res.routing is not None:
         print(f"grokviz study: {res.routing.n_tokens:,} tokens; wrote {spec.output}", flush=True)
     return 0

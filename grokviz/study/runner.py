@@ -237,8 +237,15 @@ def run(spec, *, model=None, progress: bool = True, log=None):
             li += _pack(pi, ints_l, np.int64)
             lf[j], lid[j] = _pack(pf, floats_l, np.float64), b
         dist.set_phase(f"study round {r + 1}/{plan.n_rounds}: reducing over {P} process(es)")
-        tot_i = tot_i + dist.sum_exact(li)
-        gf, gid = dist.allgather_exact(lf), dist.allgather_exact(lid.astype(np.int64))
+        try:
+            tot_i = tot_i + dist.sum_exact(li)
+            gf, gid = dist.allgather_exact(lf), dist.allgather_exact(lid.astype(np.int64))
+        except Exception as e:  # noqa: BLE001 - XLA's runtime errors have no narrower public type
+            if P == 1:
+                raise
+            raise RuntimeError(f"study round {r + 1}/{plan.n_rounds}: process {p} could not reduce with the other "
+                               f"{P - 1} process(es): one of them died or left the job ({type(e).__name__}: "
+                               f"{str(e)[:300]}). Rerun the same command to resume from {spec.progress}") from None
         where = {int(gid[q, j]): (q, j) for q in range(P) for j in range(slots) if gid[q, j] >= 0}
         if sorted(where) != idx:
             raise RuntimeError(f"study round {r}: gathered batches {sorted(where)} != expected {idx}")
