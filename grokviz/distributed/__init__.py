@@ -17,8 +17,10 @@ Without arguments it takes, in order: the ``GROKVIZ_COORDINATOR`` / ``GROKVIZ_NU
 
 **Faults** (docs: the README's "Multi-host runs"): ``heartbeat_timeout_s`` (default 10 s, env
 ``GROKVIZ_HEARTBEAT_S``) is handed to JAX's coordination service, which terminates every process of the job
-about that long after one stops sending heartbeats (a dead process makes the others exit non-zero within
-~2 x heartbeat, never hang in a collective); ``init_timeout_s`` (default 60 s, ``GROKVIZ_INIT_TIMEOUT_S``) bounds
+(SIGABRT) at most about that long after one stops sending heartbeats, so no process hangs in a collective. In
+practice a survivor's next collective fails at once (gloo: "Connection closed by peer"), ``grokviz study``
+reports the round and exits 1, and the coordination service aborts it at shutdown (measured on CPU: 6 s after the
+peer's death with the default heartbeat); ``init_timeout_s`` (default 60 s, ``GROKVIZ_INIT_TIMEOUT_S``) bounds
 the wait for every process to join. :func:`set_phase` records what this process is doing (in the status file
 ``grokviz launch`` reads, ``GROKVIZ_STATUS_FILE``), so a failure names the process and its phase.
 """
