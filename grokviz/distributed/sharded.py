@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ReadStats", "load_converted"]
+__all__ = ["ReadStats", "load_converted", "load_hf"]
 
 
 @dataclasses.dataclass
@@ -41,13 +41,14 @@ class ReadStats:
 
 
 class _Reader:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, wm: dict | None = None, headers: dict | None = None):
         from ..checkpoint.converted import read_index
         from ..checkpoint.safetensors_io import read_safetensors_header
 
         self.path = path
-        self.wm = read_index(path)["weight_map"]
-        self.headers = {s: read_safetensors_header(path / s) for s in sorted(set(self.wm.values()))}
+        self.wm = read_index(path)["weight_map"] if wm is None else wm
+        self.headers = headers if headers is not None else {s: read_safetensors_header(path / s)
+                                                             for s in sorted(set(self.wm.values()))}
         self.fds = {s: os.open(path / s, os.O_RDONLY) for s in self.headers}
         self.stats = ReadStats(tensor_bytes=sum(e["data_offsets"][1] - e["data_offsets"][0]
                                                 for ents, _ in self.headers.values() for e in ents.values()))
@@ -181,3 +182,92 @@ def load_converted(path, mesh, *, dtype=np.float32, tokenizer=None):
         tok = path / "tokenizer.model"
         tokenizer = _tokenizer(None, tok if tok.is_file() else None)
     return Model(cfg, params, tokenizer or None), reader.stats
+
+
+# --- Hugging Face folders ----------------------------------------------------------------------------------
+
+def _hf_block(reader: _Reader, name: str, op: str, idx: tuple, stored: tuple) -> np.ndarray:
+    """``OPS[op][0](tensor)[idx]`` reading only the source bytes it needs (grokviz.checkpoint.hf_names.OPS)."""
+    if op == "copy":
+        return reader.block(name, idx)
+    if op == "row":
+        return reader.block(name, (slice(0, 1), *idx))[0]
+    if op == "T":
+        return np.swapaxes(reader.block(name, (*idx[:-2], idx[-1], idx[-2])), -1, -2)
+    if op in ("half0T", "half1T"):
+        off = 0 if op == "half0T" else stored[-2] // 2
+        r = range(*idx[-1].indices(stored[-2] // 2))
+        return np.swapaxes(reader.block(name, (*idx[:-2], slice(r.start + off, r.stop + off), idx[-2])), -1, -2)
+    if op in ("even", "odd"):
+        r = range(*idx[-1].indices(stored[-1] // 2))
+        got = reader.block(name, (*idx[:-1], slice(2 * r.start, 2 * r.stop)))
+        return got[..., 0::2] if op == "even" else got[..., 1::2]
+    raise ValueError(f"unknown tensor op {op!r}")
+
+
+def load_hf(path, mesh, *, dtype=None):
+    """(Model, ReadStats): a Hugging Face folder (:mod:`grokviz.checkpoint.hf`) placed on ``mesh``, each process
+    reading only the source bytes of its devices' blocks through the family's name table (transposes, fused
+    splits, per-expert stacking). Values keep the stored dtype unless ``dtype`` is given, as ``gv.load`` does.
+    MXFP4 expert weights are not supported here (use ``gv.load``)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from ..api import Model
+    from ..checkpoint.hf import HFFolder
+    from ..params import shapes_dict
+    from ..sharding import TOP_LEVEL, base_spec, fit_spec
+
+    hf = HFFolder(path)
+    if hf.mxfp4:
+        raise ValueError(f"{path}: MXFP4 expert weights cannot be read shard by shard; load with gv.load")
+    cfg = hf.cfg
+    dt = hf.dtype if dtype is None else np.dtype(jnp.dtype(dtype))
+    reader = _Reader(Path(path), hf.files, hf.headers)
+    src: dict = {}  # (leaf, layer, expert) -> (tensor, op, stored shape)
+    for name, t in hf.want.items():
+        for leaf, op, _ in t.leaves:
+            src[(leaf, t.layer, t.expert)] = (name, op, tuple(reader.entry(name)[1]["shape"]))
+    shapes = shapes_dict(cfg)
+
+    def leaf_array(name, full, stacked):
+        from ..checkpoint.converted import leaf_layers
+
+        layers = leaf_layers(name, cfg) if stacked else (None,)
+        per_expert = (name, layers[0], 0) in src
+
+        def read(layer, idx):
+            if per_expert:  # idx[0] runs over experts
+                es = range(*idx[0].indices(cfg.num_experts))
+                return np.stack([_hf_block(reader, *src[(name, layer, e)][:2], idx[1:], src[(name, layer, e)][2])
+                                 for e in es]) if len(es) else None
+            tensor, op, stored = src[(name, layer, None)]
+            return _hf_block(reader, tensor, op, idx, stored)
+
+        cache: dict = {}
+
+        def cb(index):
+            sig = tuple(ix.indices(d)[:2] for ix, d in zip(index, full))
+            if sig not in cache:
+                if stacked:
+                    ls = range(*index[0].indices(len(layers)))
+                    cache[sig] = np.stack([read(layers[i], index[1:]) for i in ls]).astype(dt, copy=False)
+                else:
+                    cache[sig] = read(None, index).astype(dt, copy=False)
+            return cache[sig]
+
+        return jax.make_array_from_callback(full, NamedSharding(mesh, fit_spec(base_spec(name, stacked), full, mesh)),
+                                            cb)
+
+    try:
+        params = {n: leaf_array(n, tuple(shapes[n]), False) for n in TOP_LEVEL if n in shapes}
+        params["blocks"] = {n: leaf_array(n, tuple(s), True) for n, s in shapes["blocks"].items()}
+    finally:
+        reader.close()
+    tok = None
+    if hf.tokenizer is not None:
+        from ..hf_tokenizer import HFTokenizer
+
+        tok = HFTokenizer(hf.tokenizer)
+    return Model(cfg, params, tok), reader.stats
