@@ -41,9 +41,9 @@ def route(x, p, cfg, point, iv=None):
     the survivors, and Grok keeps the router probabilities). A removed expert that is still picked (more than
     E - k removed, or forced routing names it) gets gate 0. ``renormalize`` rescales the k gates to sum to 1.
     ``expert_swap`` [expert] int32 (identity = none): a slot that selected expert ``a`` runs expert
-    ``expert_swap[a]`` instead, at the gate formed for ``a`` (the *swap* ablation); ``moe.top_k_experts`` records
-    the experts that run, and a forced-routing patch of it replaces them (its gates then come from the experts it
-    names).
+    ``expert_swap[a]`` instead, at the gate formed for ``a`` (the *swap* ablation). A forced-routing patch (or a
+    callback) of ``moe.top_k_experts`` acts on the picked experts, before the swap; the hook records the experts
+    that run, after it.
     """
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), dense(p["router"], jnp.float32))
     if cfg.router_bias:
@@ -57,13 +57,16 @@ def route(x, p, cfg, point, iv=None):
         top, experts = jax.lax.top_k(score, cfg.top_k)
     else:
         _, experts = jax.lax.top_k(jnp.where(iv["expert_remove"], -jnp.inf, score), cfg.top_k)
-    experts = picked = experts.astype(jnp.int32)
-    if iv is not None:  # the swap ablation: the slot runs another expert at the picked expert's gate
-        experts = jnp.take(iv["expert_swap"], picked)
-    if point.patched("moe.top_k_experts"):
-        experts = picked = point("moe.top_k_experts", experts)
-    else:
+    picked = experts.astype(jnp.int32)
+    forced = point.patched("moe.top_k_experts")
+    if forced:  # forced routing (or a callback) names the picked experts
+        picked = point("moe.top_k_experts", picked)
+    # the swap ablation: the slot runs another expert at the picked expert's gate
+    experts = picked if iv is None else jnp.take(iv["expert_swap"], picked)
+    if not forced:
         point("moe.top_k_experts", experts)
+    elif iv is not None and point.prefix + "moe.top_k_experts" in point.selected:
+        point.values[point.prefix + "moe.top_k_experts"] = experts  # record the experts that run
     if iv is not None or point.patched("moe.top_k_experts"):
         top = jnp.take_along_axis(score, picked, axis=-1)
     # a removed expert never contributes, even where it is still picked: when more than E - k are removed
