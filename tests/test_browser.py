@@ -335,3 +335,45 @@ def test_generation_notebook_renders_and_removal_updates_comparison(page):
           "the side-by-side text to name the removal")
     _wait_drawn(page, view, 30, " after the removal")
     shoot(page, explorer, SHOTS / "06_generation_explorer_removed.png")
+
+
+ADD_CELL = """(src) => { const app = window.jupyterapp, nb = app.shell.currentWidget.content;
+  nb.activeCellIndex = nb.widgets.length - 1; window.__gvCell = null;
+  app.commands.execute('notebook:insert-cell-below').then(() => {
+    nb.activeCell.model.sharedModel.setSource(src);
+    return app.commands.execute('notebook:run-cell'); })
+  .then(r => { window.__gvCell = {ok: r !== false}; }, e => { window.__gvCell = {ok: false, error: String(e)}; });
+  return true; }"""
+HEAT_TITLE = """(sel) => [...document.querySelectorAll(sel + ' .js-plotly-plot .gtitle')].map(e => e.textContent)
+  .find(t => t.startsWith('Expert load share per layer')) || ''"""
+
+
+def test_load_dashboard_prefill_decode_toggle(page):
+    """The load dashboard on notebook 06's GenerationResult, in a cell added to that notebook's live session (no
+    new notebook, no new compile; autosave is off, so the file is untouched): the tokens toggle redraws it."""
+    current = page.evaluate("() => window.jupyterapp?.shell?.currentWidget?.context?.path")
+    if current != "06_generation.ipynb":
+        open_and_run(page, "06_generation.ipynb")
+    page.evaluate(ADD_CELL, "from grokviz import viz\nviz.ExpertLoadDashboard(result)")
+    result = _wait(page, "() => window.__gvCell", 60, "the added cell to run")
+    assert result.get("ok"), f"the added cell failed: {result}"
+    view = ".gv-load-dashboard"
+    _wait(page, f"() => !!document.querySelector('{view} .gv-load-phase')", 60, "the dashboard with its toggle")
+    _wait_drawn(page, view, 60)
+    assert not page.evaluate(CLIPPED, view), "load dashboard plots wider than the notebook column"
+    titles = f"() => [...document.querySelectorAll('{view} .js-plotly-plot .gtitle')].map(e => e.textContent)"
+    assert any(t.startswith("Layer 0 expert load: prefill vs decode") for t in page.evaluate(titles))
+    assert "tokens)" in page.evaluate(HEAT_TITLE, view)
+    dashboard = page.locator(view).first
+    shoot(page, dashboard, SHOTS / "06_load_dashboard_both.png")
+    before = page.evaluate(SIGNATURE, view)
+    dashboard.locator(".gv-load-phase button", has_text="decode").click()
+    _wait(page, f"(sel) => ({HEAT_TITLE})(sel).includes('generated tokens')", 30,
+          "the heatmap to show the generated tokens", view)
+    _wait(page, f"(sel) => ({SIGNATURE})(sel) !== {json.dumps(before)}", 30, "the plot data to change", view)
+    _wait_drawn(page, view, 30, " after the toggle")
+    shoot(page, dashboard, SHOTS / "06_load_dashboard_decode.png")
+    dashboard.locator(".gv-load-phase button", has_text="prefill").click()
+    _wait(page, f"(sel) => ({HEAT_TITLE})(sel).includes('prompt tokens')", 30,
+          "the heatmap to show the prompt tokens", view)
+    _wait_drawn(page, view, 30, " after the second toggle")

@@ -30,9 +30,10 @@ def test_notebook_executes(path):
 
 
 @pytest.mark.parametrize("script,notebook", [("make_notebook_06.py", "06_generation.ipynb"),
-                                             ("make_notebook_07.py", "07_other_moe_families.ipynb")])
+                                             ("make_notebook_07.py", "07_other_moe_families.ipynb"),
+                                             ("make_notebook_08.py", "08_expert_analysis.ipynb")])
 def test_generated_notebook_is_what_its_script_writes(script, notebook):
-    """notebooks 06 and 07 are written by their scripts in scripts/: the two never drift apart."""
+    """notebooks 06, 07 and 08 are written by their scripts in scripts/: the two never drift apart."""
     path = NB_DIR.parent / "scripts" / script
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
