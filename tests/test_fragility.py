@@ -55,19 +55,17 @@ def test_identical_settings_never_flip_and_a_planted_bias_matches_a_hand_count(t
     layer, expert, bias = 2, 5, 0.6
     planted = Interventions.none(cfg).with_router(layer, bias=np.eye(cfg.num_experts, dtype=np.float32)[expert] * bias)
     fr = Fr.routing_fragility(tiny, TEXTS, variants=[("same", Interventions.none(cfg)), ("planted", planted)],
-                              batch_size=2, progress=False)
+                              batch_size=4, progress=False)
     assert (fr.layers["flip_same"] == 0).all() and not fr.tokens["flip_same"].any()
-    # by hand: top-k of the baseline logits + the bias at that layer, batch by batch
-    flips = total = 0
-    for toks in batches(tiny, TEXTS, batch_size=2, progress=False):
-        run = tiny.run(toks, capture=["blocks.moe.router_logits", "blocks.moe.top_k_experts"])
-        real = np.asarray(run.real)
-        z = np.asarray(run.cache["blocks.moe.router_logits", layer]).copy()
-        z[..., expert] += bias
-        hand = np.sort(np.argsort(-z, -1)[..., :cfg.top_k], -1)
-        base = np.sort(np.asarray(run.cache["blocks.moe.top_k_experts", layer]), -1)
-        flips += int((np.any(hand != base, -1) & real).sum())
-        total += int(real.sum())
+    # by hand: top-k of the baseline log-probabilities (the logits up to a per-token constant) + the bias
+    (toks,) = list(batches(tiny, TEXTS, batch_size=4, progress=False))
+    run = tiny.run(toks, capture=["blocks.moe.router_probs", "blocks.moe.top_k_experts"])
+    real = np.asarray(run.real)
+    z = np.log(np.asarray(run.cache["blocks.moe.router_probs", layer], np.float64))
+    z[..., expert] += bias
+    hand = np.sort(np.argsort(-z, -1)[..., :cfg.top_k], -1)
+    base = np.sort(np.asarray(run.cache["blocks.moe.top_k_experts", layer]), -1)
+    flips, total = int((np.any(hand != base, -1) & real).sum()), int(real.sum())
     assert flips > 0
     row = fr.layers[fr.layers.layer == layer].iloc[0]
     assert row["n_tokens"] == total and round(row["flip_planted"] * total) == flips
@@ -75,10 +73,8 @@ def test_identical_settings_never_flip_and_a_planted_bias_matches_a_hand_count(t
     assert (fr.layers.loc[fr.layers.layer < layer, "flip_planted"] == 0).all()    # the layers before: untouched
     assert fr.most_fragile_layer("planted") == layer
     # the margin column is the hand gap of the baseline run's probabilities
-    run = tiny.run(next(iter(batches(tiny, TEXTS, batch_size=2, progress=False))), capture=["blocks.moe.router_probs"])
     s = np.sort(np.asarray(run.cache["blocks.moe.router_probs", 0]), -1)[..., ::-1]
-    gap = (s[..., 1] - s[..., 2])[np.asarray(run.real)]
-    np.testing.assert_allclose(fr.tokens[(fr.tokens.layer == 0) & (fr.tokens.window < 2)]["margin"], gap, atol=1e-7)
+    np.testing.assert_allclose(fr.tokens[fr.tokens.layer == 0]["margin"], (s[..., 1] - s[..., 2])[real], atol=1e-6)
 
 
 def test_default_variants_and_the_figures(tiny):
@@ -103,8 +99,9 @@ def test_default_variants_and_the_figures(tiny):
         V.margin_heatmap(fr.tokens, 9)
     with pytest.raises(ValueError, match="variants must be among"):
         Fr.routing_fragility(tiny, TEXTS, variants=["fp8"], progress=False)
-    summary_only = Fr.routing_fragility(tiny, TEXTS, variants=["bf16"], per_token=False, progress=False)
-    assert summary_only.tokens is None and "flip_bf16" in summary_only.layers
+    summary_only = Fr.routing_fragility(tiny, TEXTS, batch_size=4, per_token=False, progress=False)
+    assert summary_only.tokens is None
+    np.testing.assert_array_equal(summary_only.layers["flip_bf16"], fr.layers["flip_bf16"])   # seeded, same
 
 
 def test_a_hugging_face_family():

@@ -16,9 +16,13 @@ actually flips under the perturbations a port or a release introduces (docs/anal
     model; a model that already holds int8 weights is compared against them dequantised and rounded to bf16
     (the bf16 port). Embeddings, norms and the router stay as they are, as in the release;
   - ``"noise"``: Gaussian noise added to the token embeddings (``embed.out``), per token of RMS ``noise_scale``
-    times that token's embedding RMS (default 1e-2), from ``numpy.random.default_rng(seed)``, drawn batch after
-    batch;
+    times that token's embedding RMS (default 1e-2), drawn from ``jax.random.fold_in(jax.random.key(seed), i)``
+    for the i-th batch;
   - or any :class:`grokviz.interventions.Interventions` given as a variant (e.g. a planted router bias).
+
+The named variants and the baseline run as one compiled program per batch shape, made of the model's own parts
+(:func:`grokviz.model.embed`, :func:`grokviz.model.run_blocks`; no readout, since only the routing is compared);
+an Interventions variant runs through :meth:`grokviz.Model.run` (checked there).
 
 :func:`routing_fragility` streams a dataset (:func:`grokviz.analysis.dataset.batches`) and returns a
 :class:`Fragility` with the per-token frame and the per-layer summary; :func:`topk_margin` and
@@ -28,12 +32,15 @@ actually flips under the perturbations a port or a release introduces (docs/anal
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pandas as pd
 
+from ..config import is_real
 from ..params import Int8Weight, dense
 
 __all__ = ["topk_margin", "selection_flips", "quantize_int8", "int8_params", "routing_fragility", "Fragility",
@@ -122,34 +129,47 @@ class Fragility:
         return int(self.layers.loc[self.layers[cols].mean(axis=1).idxmax(), "layer"])
 
 
-def _variant_runs(model, variants, noise_scale, seed):
-    """name -> fn(tokens, base_run) -> top_k_experts [moe layer, b, t, k]."""
-    from ..api import Model
+_TOPK, _PROBS = "blocks.moe.top_k_experts", "blocks.moe.router_probs"
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "named"))
+def _scan_batch(params, qparams, tokens, key, noise_scale, cfg, named):
+    """The baseline's router probabilities and selections, and the selections of each named variant."""
+    from ..model.transformer import embed, run_blocks
+
+    h = embed(params, tokens, cfg)
+    base = run_blocks(params, h, tokens, cfg, capture=frozenset({_TOPK, _PROBS})).cache
+    out = {"probs": base[_PROBS], "base": base[_TOPK]}
+    for name in named:
+        if name == "bf16":
+            out[name] = run_blocks(params, h, tokens, cfg, capture=frozenset({_TOPK}), callbacks=_BF16_CALLBACKS)
+        elif name == "int8":
+            out[name] = run_blocks(qparams, embed(qparams, tokens, cfg), tokens, cfg, capture=frozenset({_TOPK}))
+        else:  # noise
+            rms = jnp.sqrt(jnp.mean(jnp.square(h), -1, keepdims=True))
+            noisy = h + noise_scale * rms * jax.random.normal(key, h.shape, h.dtype)
+            out[name] = run_blocks(params, noisy, tokens, cfg, capture=frozenset({_TOPK}))
+        out[name] = out[name].cache[_TOPK]
+    return out
+
+
+def _split_variants(variants):
+    """(named variants in VARIANTS order of appearance, {name: Interventions}, all names in order)."""
     from ..interventions import Interventions
 
-    cap = ["blocks.moe.top_k_experts"]
-    none = Interventions.none(model.cfg)
-    rng = np.random.default_rng(seed)
-    out = {}
+    named, custom, names = [], {}, []
     for v in variants:
-        name, spec = (v if isinstance(v, tuple) else (v, v))
-        if isinstance(spec, Interventions):
-            out[name] = lambda toks, base, iv=spec: model.run(toks, capture=cap, interventions=iv)
-        elif spec == "bf16":
-            out[name] = lambda toks, base: model.run(toks, capture=cap, callbacks=_BF16_CALLBACKS)
-        elif spec == "int8":
-            qmodel = Model(model.cfg, int8_params(model.params), model.tokenizer, validate=False, bucket=model.bucket)
-            out[name] = lambda toks, base, qm=qmodel: qm.run(toks, capture=cap)
-        elif spec == "noise":
-            def noisy(toks, base):
-                e = np.asarray(base.cache["embed.out"])
-                rms = np.sqrt(np.mean(np.square(e), -1, keepdims=True))
-                value = e + noise_scale * rms * rng.standard_normal(e.shape).astype(np.float32)
-                return model.run(toks, capture=cap, interventions=none.patch("embed.out", value.astype(np.float32)))
-            out[name] = noisy
+        name, spec = (v if isinstance(v, tuple) and len(v) == 2 else (v, v))
+        if isinstance(spec, Interventions) and isinstance(name, str):
+            custom[name] = spec
+        elif isinstance(spec, str) and spec in VARIANTS and name == spec:
+            named.append(spec)
         else:
             raise ValueError(f"variants must be among {list(VARIANTS)} or (name, Interventions) pairs, got {v!r}")
-    return out
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be distinct, got {names}")
+    return tuple(named), custom, tuple(names)
 
 
 def routing_fragility(model, data=None, *, variants=VARIANTS, noise_scale: float = 1e-2, seed: int = 0,
@@ -171,23 +191,23 @@ def routing_fragility(model, data=None, *, variants=VARIANTS, noise_scale: float
     if not (np.isfinite(noise_scale) and noise_scale >= 0):
         raise ValueError(f"noise_scale must be finite and >= 0, got {noise_scale!r}")
     variants = (variants,) if isinstance(variants, str) else tuple(variants)
-    names = tuple(v[0] if isinstance(v, tuple) else v for v in variants)
-    if len(set(names)) != len(names):
-        raise ValueError(f"variant names must be distinct, got {list(names)}")
-    runs = _variant_runs(model, variants, noise_scale, seed)
+    named, custom, names = _split_variants(variants)
+    qparams = int8_params(model.params) if "int8" in named else model.params
+    key0 = jax.random.key(seed)
     moe = list(cfg.moe_layer_ids)
     M = len(moe)
     sums = {"margin": np.zeros(M), "fragile": np.zeros(M), **{n: np.zeros(M) for n in names}}
     margins_all, frames, n_tok, window0 = [], [], 0, 0
-    base_cap = ["blocks.moe.router_probs", "blocks.moe.top_k_experts"] + (["embed.out"] if "noise" in variants else [])
-    for toks in batches(model, data, batch_size=batch_size, max_len=max_len, progress=progress,
-                        desc="routing fragility"):
-        base = model.run(toks, capture=base_cap)
-        real = np.asarray(base.real)                                          # [b, t]
-        margin = topk_margin(base.cache["blocks.moe.router_probs"], cfg.top_k)  # [m, b, t]
-        ex = np.asarray(base.cache["blocks.moe.top_k_experts"])
-        flips = {n: selection_flips(ex, np.asarray(fn(toks, base).cache["blocks.moe.top_k_experts"]))
-                 for n, fn in runs.items()}
+    for i, toks in enumerate(batches(model, data, batch_size=batch_size, max_len=max_len, progress=progress,
+                                     desc="routing fragility")):
+        got = jax.device_get(_scan_batch(model.params, qparams, jnp.asarray(toks), jax.random.fold_in(key0, i),
+                                         jnp.float32(noise_scale), cfg, named))
+        real = np.asarray(is_real(toks, cfg.pad_token))                                   # [b, t]
+        margin = topk_margin(got["probs"], cfg.top_k)                                     # [m, b, t]
+        ex = got["base"]
+        flips = {n: selection_flips(ex, got[n]) for n in named}
+        for n, iv in custom.items():
+            flips[n] = selection_flips(ex, model.run(toks, capture=[_TOPK], interventions=iv).cache[_TOPK])
         sums["margin"] += (margin * real).sum((1, 2))
         sums["fragile"] += ((margin < threshold) & real).sum((1, 2))
         for n in names:
