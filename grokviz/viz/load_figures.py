@@ -202,5 +202,5 @@ def phase_summary(layers: Sequence[int], cv: Mapping[str, np.ndarray], cv_random
     fig.update_layout(yaxis2=dict(overlaying="y", side="right", range=[0, 1], title="total variation",
                                   showgrid=False), legend=dict(orientation="h", y=-0.3, x=0), barmode="overlay")
     fig.update_xaxes(title=axis_title("layer"), tickmode="array", tickvals=x[::max(1, len(x) // 16)])
-    fig.update_yaxes(title="load CV (std / mean)", rangemode="tozero")
+    fig.update_layout(yaxis=dict(title="load CV (std / mean)", rangemode="tozero"))   # not yaxis2's title
     return apply(fig, title="Expert load concentration: prefill vs decode vs random routing", height=380)
