@@ -16,7 +16,7 @@ import pytest
 
 import grokviz as gv
 from grokviz.analysis import experts as X
-from grokviz.analysis.attribution import DLA_CAPTURE, dla_components, lens_logits
+from grokviz.analysis.attribution import dla_components, lens_logits
 from grokviz.analysis.dataset import batches
 from grokviz.analysis.patching import lm_sums
 from grokviz.interventions import Interventions
@@ -36,7 +36,7 @@ def fam(request):
     else:
         model = gv.load(DATA / request.param, progress=False)
         tokens = np.load(DATA / request.param / "golden.npz")["tokens"].astype(np.int32)
-    run = model.run(tokens, capture=DLA_CAPTURE + ["blocks.moe.pre_norm"])
+    run = model.run(tokens, capture=X.RUN_CAPTURE, interventions=Interventions.none(model.cfg))   # as X runs it
     return SimpleNamespace(name=request.param, model=model, cfg=model.cfg, tokens=tokens, run=run,
                            layer=model.cfg.moe_layer_ids[-1])
 
@@ -67,19 +67,19 @@ def test_hook_capture_leaves_the_run_unchanged_and_a_patch_flows_on(fam):
         pytest.skip("one family is enough for the hook's plumbing")
     f, cfg = fam, fam.cfg
     hook = "blocks.moe.expert_outputs_all"
-    plain = f.model.run(f.tokens)
-    run = f.model.run(f.tokens, capture=[hook])
-    np.testing.assert_array_equal(run.logits, plain.logits)                        # bit for bit
+    none = Interventions.none(cfg)
+    run = f.model.run(f.tokens, capture=[hook], interventions=none)
+    np.testing.assert_array_equal(run.logits, f.run.logits)                        # bit for bit
     cf = X.expert_outputs(f.model, f.tokens, f.layer)
     np.testing.assert_allclose(run.cache[hook, f.layer], cf["outputs"], atol=1e-5)
     # zeroing expert e's counterfactual output at one layer is the contribution ablation of e there
     e = int(np.bincount(cf["experts"].ravel(), minlength=cfg.num_experts).argmax())
     value = np.asarray(run.cache[hook]).copy()
     value[f.layer, :, :, e] = 0.0
-    patched = f.model.run(f.tokens, interventions=Interventions.none(cfg).patch(hook, value, layers=[f.layer]))
-    ablated = f.model.run(f.tokens, interventions=Interventions.none(cfg).ablate_expert(f.layer, e, "contribution"))
+    patched = f.model.run(f.tokens, interventions=none.patch(hook, value, layers=[f.layer]))
+    ablated = f.model.run(f.tokens, capture=[hook], interventions=none.ablate_expert(f.layer, e, "contribution"))
     np.testing.assert_allclose(patched.logits, ablated.logits, atol=1e-5)
-    assert not np.allclose(patched.logits, plain.logits, atol=1e-4)
+    assert not np.allclose(patched.logits, run.logits, atol=1e-4)
 
 
 def test_counterfactual_dla_matches_dla_components(fam):
@@ -124,25 +124,25 @@ def tiny_batch():
 def test_single_expert_substitution_equals_a_callback(tiny_batch):
     model, toks = tiny_batch
     df = X.single_expert_substitution(model, TEXTS, batch_size=2, progress=False)
-    base = model.run(toks)
+    base = model.run(toks, capture=["blocks.moe.top_k_weights"])
     b_nll, _, n = lm_sums(jnp.asarray(base.logits), jnp.asarray(toks), model.cfg.pad_token)
-    for layer in (0, 2):
-        def top_only(v, lyr, layer=layer):
-            keep = jax.nn.one_hot(jnp.argmax(v, -1), v.shape[-1], dtype=v.dtype)
-            return jnp.where(lyr == layer, v * keep, v)
+    layer = 2
 
-        run = model.run(toks, callbacks={"blocks.moe.top_k_weights": top_only})
-        nll, _, _ = lm_sums(jnp.asarray(run.logits), jnp.asarray(toks), model.cfg.pad_token)
-        row = df[df.layer == layer].iloc[0]
-        np.testing.assert_allclose(row["delta_loss"], float(nll - b_nll) / float(n), atol=1e-5)
-        assert row["n_tokens"] == int(n)
+    def top_only(v, lyr):
+        keep = jax.nn.one_hot(jnp.argmax(v, -1), v.shape[-1], dtype=v.dtype)
+        return jnp.where(lyr == layer, v * keep, v)
+
+    run = model.run(toks, callbacks={"blocks.moe.top_k_weights": top_only})
+    nll, _, _ = lm_sums(jnp.asarray(run.logits), jnp.asarray(toks), model.cfg.pad_token)
+    row = df[df.layer == layer].iloc[0]
+    np.testing.assert_allclose(row["delta_loss"], float(nll - b_nll) / float(n), atol=1e-5)
+    assert row["n_tokens"] == int(n) and list(df.layer) == [0, 1, 2, 3]
 
 
 def test_top_expert_agreement_by_hand(tiny_batch):
     model, toks = tiny_batch
     df = X.top_expert_agreement(model, TEXTS, batch_size=2, progress=False)
-    cap = ["blocks.moe.top_k_weights", "blocks.moe.expert_out", "blocks.moe.out"]
-    run = model.run(toks, capture=cap)
+    run = model.run(toks, capture=X.RUN_CAPTURE, interventions=Interventions.none(model.cfg))
     real = np.asarray(run.real)
     layer = 1
     g = np.asarray(run.cache["blocks.moe.top_k_weights", layer])

@@ -35,15 +35,15 @@ import pandas as pd
 
 from ..model.transformer import run_blocks
 from ..params import dense
-from .attribution import _pieces, _row_position, _rscale, _write_factor, lens_logits
+from .attribution import DLA_CAPTURE, _pieces, _row_position, _rscale, _write_factor, lens_logits
 from .common import token_id
 
 __all__ = ["expert_outputs", "counterfactual_dla", "counterfactual_table", "expert_lens", "top_expert_agreement",
-           "single_expert_substitution", "CF_HOOK"]
+           "single_expert_substitution", "CF_HOOK", "RUN_CAPTURE"]
 
 CF_HOOK = "blocks.moe.expert_outputs_all"
-_RUN_CAPTURE = ["blocks.resid_pre", "blocks.resid_mid", "blocks.resid_post", "blocks.moe.out",
-                "blocks.moe.top_k_experts", "blocks.moe.top_k_weights"]
+#: what the functions here capture: one set (and interventions always given), so they share one compiled program
+RUN_CAPTURE = tuple(sorted(set(DLA_CAPTURE) | {"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.pre_norm"}))
 
 
 def _moe_layer(cfg, layer) -> int:
@@ -80,7 +80,7 @@ def expert_outputs(model, tokens, layer: int, *, positions=None, interventions=N
     layer = _moe_layer(cfg, layer)
     tokens = model.to_tokens(tokens)
     iv = Interventions.none(cfg) if interventions is None else interventions
-    run = model.run(tokens, capture=_RUN_CAPTURE, interventions=iv)
+    run = model.run(tokens, capture=RUN_CAPTURE, interventions=iv)
     layers, patches = iv.split()
     patches = {k: v for k, v in patches.items() if k.startswith("blocks.")}
     y_all = _layer_outputs(model.params, jnp.asarray(run.cache["blocks.resid_pre", layer]), jnp.asarray(tokens),
@@ -93,6 +93,12 @@ def expert_outputs(model, tokens, layer: int, *, positions=None, interventions=N
             "gates": pick(run.cache["blocks.moe.top_k_weights", layer]),
             "moe_out": pick(run.cache["blocks.moe.out", layer]),
             "positions": pos, "layer": layer, "run": run}
+
+
+def _run(model, tokens):
+    from ..interventions import Interventions
+
+    return model.run(tokens, capture=RUN_CAPTURE, interventions=Interventions.none(model.cfg))
 
 
 def _check_positions(positions, t):
@@ -185,8 +191,7 @@ def expert_lens(model, tokens, layer: int, *, row: int = 0, position: int = -1, 
     tokens = model.to_tokens(tokens)
     row, position = _row_position(tokens, model.cfg, row, position)
     layer = _moe_layer(model.cfg, layer)
-    run = model.run(tokens, capture=["blocks.moe.out", "blocks.moe.expert_out", "blocks.moe.top_k_experts",
-                                     "blocks.moe.top_k_weights"])
+    run = _run(model, tokens)
     m = np.asarray(run.cache["blocks.moe.out", layer])[row, position]
     y = np.asarray(run.cache["blocks.moe.expert_out", layer])[row, position]
     ex = np.asarray(run.cache["blocks.moe.top_k_experts", layer])[row, position]
@@ -248,7 +253,7 @@ def top_expert_agreement(model, data=None, *, batch_size: int = 8, max_len: int 
     total, n = None, 0
     for toks in batches(model, data, batch_size=batch_size, max_len=max_len, progress=progress,
                         desc="top-expert agreement"):
-        run = model.run(toks, capture=cap)
+        run = _run(model, toks)
         real = jnp.asarray(run.real)
         s = _agreement_sums(model.params, {k: jnp.asarray(run.cache[k]) for k in cap}, real, moe_ids, cfg)
         s = {k: np.asarray(v, np.float64) for k, v in s.items()}
@@ -286,17 +291,14 @@ def single_expert_substitution(model, data=None, *, layers=None, renormalize: bo
         keep = np.arange(g.shape[-1]) == np.argmax(g, -1)[..., None]
         value = np.zeros((L,) + g.shape[1:], np.float32)
         value[list(cfg.moe_layer_ids)] = np.where(keep, 1.0 if renormalize else g, 0.0)
-        ivs = []
-        for layer in layers:
-            mask = np.zeros((L,) + toks.shape, bool)
-            mask[layer] = True
-            ivs.append(none.patch("blocks.moe.top_k_weights", value, mask=mask))
-        logits, _ = model.run_many(toks, ivs)
         t, bl = jnp.asarray(toks), jnp.asarray(base.logits)
         b_nll, _, n = _lm_sums_jit(bl, t, cfg.pad_token)
         base_nll, n_pred = base_nll + float(b_nll), n_pred + float(n)
-        for i in range(len(layers)):
-            nll, kl, _ = _lm_sums_jit(jnp.asarray(logits[i]), t, cfg.pad_token, bl)
+        for i, layer in enumerate(layers):  # one run per layer; the patch is data: one compiled program
+            mask = np.zeros((L,) + toks.shape, bool)
+            mask[layer] = True
+            logits = model.run(toks, interventions=none.patch("blocks.moe.top_k_weights", value, mask=mask)).logits
+            nll, kl, _ = _lm_sums_jit(jnp.asarray(logits), t, cfg.pad_token, bl)
             sums[i] += (float(nll), float(kl))
     if n_pred == 0:
         raise ValueError("the dataset has no next-token predictions")
