@@ -112,14 +112,18 @@ def _program(params, args: Traced, iv, patches, *, cfg, n_bucket, capture, rng, 
         layouts[1] = dict(out.layout)
         return out.logits[:, 0], {k: _drop_seq(k, v) for k, v in out.cache.items()}, out.kv
 
-    shapes = jax.eval_shape(decode, pre.kv, args.prompt[:, 0], jnp.int32(0))[1] if capture else {}
+    # every row's next slot is the same (the prompts are left-padded to one width, then one token per step): a
+    # scalar step writes each layer's cache in place (model.attention.write_cache)
+    kv0 = dataclasses.replace(pre.kv, step=pre.kv.step[0])
+    kv0 = kv0.split() if unroll else kv0
+    shapes = jax.eval_shape(decode, kv0, args.prompt[:, 0], jnp.int32(0))[1] if capture else {}
     V, K, N = cfg.vocab_size, min(TOP_CANDIDATES, cfg.vocab_size), n_bucket
     z = jnp.zeros
     out = Outputs(tokens=jnp.full((b, N), fill, jnp.int32), alive=z((b, N), bool), prob=z((b, N)),
                   top_ids=z((b, N, K), jnp.int32), top_probs=z((b, N, K)), logprob=z((b, N)),
                   top_logprobs=z((b, N, K)), logits=z((b, N, V)) if keep_logits else None, steps_run=jnp.int32(0),
                   step_cache={k: z((N,) + s.shape, s.dtype) for k, s in shapes.items()}, prefill_cache=pre.cache,
-                  kv=pre.kv)
+                  kv=kv0)
     with keys_mod.key_context(rng):
         carry = keys_mod.start_keys(args.seeds, rng)
 
@@ -159,7 +163,8 @@ def _program(params, args: Traced, iv, patches, *, cfg, n_bucket, capture, rng, 
         return i + 1, logits, alive_next, carry, o
 
     state = (jnp.int32(0), pre.logits[:, -1], jnp.ones((b,), bool), carry, out)
-    return jax.lax.while_loop(cond, body, state)[-1]
+    o = jax.lax.while_loop(cond, body, state)[-1]
+    return o._replace(kv=o.kv.joined())
 
 
 program_jit = jax.jit(_program, static_argnames=("cfg", "n_bucket", "capture", "rng", "stream", "keep_logits",

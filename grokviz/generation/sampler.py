@@ -86,7 +86,12 @@ def filtered_logits(logits, temperature, top_p, top_k, allowed=None):
 def draw(keys, l, temperature):
     """Step 5: keys [b] (raw uint32 [b, 2] or typed), filtered logits [b, V] -> token [b] int32. Each row draws
     Gumbel noise of shape [1, V] from its own key, as the runner's vmapped ``categorical`` does."""
-    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row[None])[0])(keys, l)
+    def categorical():
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row[None])[0])(keys, l).astype(jnp.int32)
+
+    # the Gumbel noise (threefry over the vocabulary, per row) is skipped when every row is greedy; the keys are
+    # not consumed here, so the chain of later steps is the same either way
+    sampled = jax.lax.cond(jnp.any(temperature > 0), categorical, lambda: jnp.zeros(l.shape[:1], jnp.int32))
     return jnp.where(temperature > 0, sampled, jnp.argmax(l, axis=-1)).astype(jnp.int32)
 
 

@@ -111,7 +111,22 @@ REDUCED = ("attn.entropy", "attn.pattern_at", "attn.top_keys", "attn.top_key_wei
 
 def _logits(qg, k, cfg):
     """Scaled attention logits [b kv g t s] for queries qg [b kv g t d] and keys k [b s kv d]."""
+    if qg.shape[3] == 1:  # one query per row (a decode step): see _mix
+        dots = jnp.sum(qg[:, :, :, :, None, :] * rearrange(k, "b s h d -> b h s d")[:, :, None, None], axis=-1)
+        return dots.astype(jnp.float32) * cfg.attn_logit_multiplier
     return jnp.einsum("bhgtd,bshd->bhgts", qg, k).astype(jnp.float32) * cfg.attn_logit_multiplier
+
+
+def _mix(pattern, v):
+    """The attention output [b t kv g d] from weights [b kv g t s] and values v [b s kv d].
+
+    With one query per row (a decode step over a KV cache) both products are written as multiply + reduce: XLA
+    CPU fuses those into one pass over the cache where it lies, while a dot wants the cache transposed and
+    copied it every step (config of record, batch 4: a copy of every layer's keys and values per token)."""
+    if pattern.shape[3] == 1:
+        return jnp.sum(pattern[..., None] * rearrange(v, "b s h d -> b h s d")[:, :, None, None], axis=-2
+                       ).transpose(0, 3, 1, 2, 4)
+    return jnp.einsum("bhgts,bshd->bthgd", pattern, v)
 
 
 def _masked_softmax(scores, allowed, fill, sinks=None):
@@ -212,7 +227,11 @@ def use_chunked(point, t) -> bool:
 
 
 def write_cache(cache, new, step):
-    """Write ``new`` [b, t, ...] into ``cache`` [b, S, ...] at index ``step[b]`` of each row."""
+    """Write ``new`` [b, t, ...] into ``cache`` [b, S, ...] at index ``step[b]`` of each row (``step`` of shape ():
+    the same index for every row, one in-place update instead of a per-row scatter)."""
+    if jnp.ndim(step) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), step, axis=1)
+
     def one(c, x, s):
         return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0)
 
@@ -264,7 +283,7 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None, positions=None
             pattern = rearrange(flat, "b (kv g) t s -> b kv g t s", g=cfg.group_size)
             if reduce:
                 _reductions(flat, point, spec)
-        o = jnp.einsum("bhgts,bshd->bthgd", pattern.astype(dt), v)
+        o = _mix(pattern.astype(dt), v)
     o = rearrange(o, "b t kv g d -> b t (kv g) d")
     if head_scale is not None:
         o = o * head_scale[:, None].astype(dt)

@@ -23,7 +23,7 @@ class KVCache:
     v: jax.Array         # [layer, batch, slot, kv_head, head_dim]
     real: jax.Array      # [batch, slot] bool: the slot holds a real (non-pad) token
     pos: jax.Array       # [batch, slot] int32: the RoPE position of the slot's token
-    step: jax.Array      # [batch] int32: the next slot to write
+    step: jax.Array      # [batch] int32: the next slot to write (shape (): the same slot for every row)
     #: [batch] int32: the position the next token gets. Position rule ``index``: it advances with every token
     #: (so it equals ``step`` from an empty cache); a caller may start it below 0 so that slots filled with
     #: bucket padding before a prompt do not shift the prompt's positions. ``real_count``: it advances with
@@ -42,7 +42,22 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[-3]
+
+    def split(self) -> KVCache:
+        """The same cache with ``k`` and ``v`` as tuples of per-layer arrays [batch, slot, kv_head, head_dim], for
+        an unrolled run (``run_blocks(..., unroll=True)``): each layer's buffer is then written in place and read
+        by its attention where it lies. From a stacked buffer, XLA CPU copies a layer's slice out before reading
+        it and stacks the layers again after writing (three copies of the whole cache per decode step)."""
+        if isinstance(self.k, tuple):
+            return self
+        return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
+
+    def joined(self) -> KVCache:
+        """The reference layout again (k, v stacked over layers, ``step`` per row), from :meth:`split` or a scalar
+        step."""
+        k, v = (jnp.stack(self.k), jnp.stack(self.v)) if isinstance(self.k, tuple) else (self.k, self.v)
+        return dataclasses.replace(self, k=k, v=v, step=jnp.broadcast_to(self.step, self.real.shape[:1]))
 
     def padded(self, size: int) -> KVCache:
         """The same cache with ``size`` slots (more empty slots at the end)."""

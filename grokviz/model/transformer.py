@@ -116,7 +116,7 @@ def build_masks(tokens, cfg, length=None, kv: KVCache | None = None) -> Masks:
         positions = positions_of(tokens, cfg, kv.next_pos)
         slots_real = write_cache(kv.real, real, kv.step)
         k_pos = write_cache(kv.pos, positions, kv.step)
-        q_slot = kv.step[:, None] + jnp.arange(t, dtype=jnp.int32)[None]                    # [b, t]
+        q_slot = jnp.reshape(kv.step, (-1, 1)) + jnp.arange(t, dtype=jnp.int32)[None]      # [b or 1, t]
         causal = jnp.arange(kv.size, dtype=jnp.int32)[None, None, :] <= q_slot[:, :, None]   # [b, t, S]
         allowed, fill = (slots_real[:, None, :] & causal)[:, None], jnp.float32(MASK_VALUE)
         advance = jnp.sum(real, axis=1, dtype=jnp.int32) if cfg.position_rule == "real_count" else t
@@ -251,23 +251,31 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
     bufs = {} if maps is None else maps.allocate(cfg, *tokens.shape, attn_spec, None if kv is None else kv.size)
     per_seg, kv_out = [], []
     split = isinstance(params["blocks"], tuple)  # per-layer params (split_layers)
-    if split and not unroll:
-        raise ValueError("per-layer params (split_layers) need unroll=True")
+    split_kv = kv is not None and isinstance(kv.k, tuple)  # per-layer cache buffers (KVCache.split)
+    if (split or split_kv) and not unroll:
+        raise ValueError("per-layer params (split_layers) or cache buffers (KVCache.split) need unroll=True")
     for a, b, moe in segments(cfg, layers):
         xs = (params["blocks"][a:b] if split else _segment_params(params["blocks"], cfg, a, b, moe),
               None if interventions is None else jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], interventions),
               jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], patches), jnp.arange(a, b),
-              None if kv is None else (kv.k[a:b], kv.v[a:b]))
+              None if kv is None else (kv.k[a:b], kv.v[a:b]))  # tuples of layers when split_kv
         body = make_body(moe)
         if unroll:
             outs = []
             for i in range(b - a):
-                xs_i = jax.tree_util.tree_map(lambda x, i=i: x[i], xs[1:])
+                xs_i = jax.tree_util.tree_map(lambda x, i=i: x[i], xs[1:4])
+                kv_i = None if kv is None else (
+                    (xs[4][0][i], xs[4][1][i]) if split_kv else jax.tree_util.tree_map(lambda x, i=i: x[i], xs[4]))
                 (h, bufs), y = body((h, bufs), ((xs[0][i] if split else
-                                                 jax.tree_util.tree_map(lambda x, i=i: x[i], xs[0])),) + xs_i)
+                                                 jax.tree_util.tree_map(lambda x, i=i: x[i], xs[0])),) + xs_i + (kv_i,))
                 outs.append(y)
-            ys = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs) if outs and (outs[0][0] or kv is not None) \
-                else ({}, None)
+            caps = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *[y[0] for y in outs]) if outs and outs[0][0] else {}
+            if kv is None:
+                ys = (caps, None)
+            elif split_kv:
+                ys = (caps, (tuple(y[1][0] for y in outs), tuple(y[1][1] for y in outs)))
+            else:
+                ys = (caps, jax.tree_util.tree_map(lambda *v: jnp.stack(v), *[y[1] for y in outs]))
         else:
             (h, bufs), ys = jax.lax.scan(body, (h, bufs), xs)
         per_seg.append((a, b, moe, ys[0]))
@@ -279,8 +287,11 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
     layout = {**cache_layout(capture, attn_spec, cfg, layers), **layout}
     new_kv = None
     if kv is not None:
-        k_new = jnp.concatenate([c[0] for c in kv_out]) if len(kv_out) > 1 else kv_out[0][0]
-        v_new = jnp.concatenate([c[1] for c in kv_out]) if len(kv_out) > 1 else kv_out[0][1]
+        if split_kv:
+            k_new, v_new = sum((c[0] for c in kv_out), ()), sum((c[1] for c in kv_out), ())
+        else:
+            k_new = jnp.concatenate([c[0] for c in kv_out]) if len(kv_out) > 1 else kv_out[0][0]
+            v_new = jnp.concatenate([c[1] for c in kv_out]) if len(kv_out) > 1 else kv_out[0][1]
         new_kv = KVCache(k_new, v_new, *masks.kv_meta)
     return Blocks(h, stacked, layout, new_kv)
 
