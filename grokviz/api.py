@@ -20,14 +20,15 @@ from .params import count_params, validate_params
 TRACE_COUNT = [0]  # incremented each time the jitted forward is traced (i.e. compiled); tests read it
 
 
-def _forward(params, tokens, interventions, length, *, cfg, capture, expert_impl, unroll, callbacks, attn_spec):
+def _forward(params, tokens, interventions, length, *, cfg, capture, expert_impl, unroll, callbacks, attn_spec,
+             attn_impl="tiled"):
     TRACE_COUNT[0] += 1
     return forward(params, tokens, cfg, capture=capture, interventions=interventions, expert_impl=expert_impl,
-                   unroll=unroll, callbacks=dict(callbacks), attn_spec=attn_spec, length=length)
+                   unroll=unroll, callbacks=dict(callbacks), attn_spec=attn_spec, length=length, attn_impl=attn_impl)
 
 
 forward_jit = jax.jit(_forward, static_argnames=("cfg", "capture", "expert_impl", "unroll", "callbacks",
-                                                 "attn_spec"))
+                                                 "attn_spec", "attn_impl"))
 
 
 def _forward_many(params, tokens, stacked, *, cfg, capture, expert_impl):
@@ -89,11 +90,12 @@ class Run:
     on the host, so no length ever compiles a program of its own. ``cfg`` is the configuration the run used
     (``top_k`` replaced when it was given), ``interventions`` the ones given (None for none), ``attention`` the
     :class:`~grokviz.hooks.AttentionSpec`, ``capture`` the frozenset of captured hook names, ``expert_impl``,
-    ``bucket`` whether the tokens were padded to a bucket, ``unroll`` and ``callbacks`` as given.
+    ``bucket`` whether the tokens were padded to a bucket, ``unroll``, ``callbacks`` and ``attn_impl`` as given.
     """
 
     def __init__(self, tokens, logits, cache, model, *, cfg=None, interventions=None, attention=None,
-                 capture=frozenset(), expert_impl="sparse", bucket=False, unroll=False, callbacks=None):
+                 capture=frozenset(), expert_impl="sparse", bucket=False, unroll=False, callbacks=None,
+                 attn_impl="tiled"):
         self.tokens = np.asarray(tokens)        # [batch, seq] int32, as given (not padded)
         self._logits = logits                   # [batch, padded seq, vocab] (device) until first access
         self.cache = cache
@@ -106,6 +108,7 @@ class Run:
         self.bucket = bool(bucket)
         self.unroll = bool(unroll)
         self.callbacks = dict(callbacks or {})
+        self.attn_impl = attn_impl
 
     @property
     def logits(self) -> np.ndarray:
@@ -130,7 +133,7 @@ class Run:
         """The keyword arguments of :meth:`Model.run` that reproduce this run (tokens aside)."""
         out = dict(capture=self.capture, interventions=self.interventions, expert_impl=self.expert_impl,
                    unroll=self.unroll, callbacks=self.callbacks or None, attention=self.attention,
-                   bucket=self.bucket)
+                   bucket=self.bucket, attn_impl=self.attn_impl)
         if self.cfg.top_k != self.model.cfg.top_k:
             out["top_k"] = self.cfg.top_k
         return out
@@ -194,7 +197,7 @@ class Model:
     def run(self, tokens_or_text, *, capture=None, interventions: Interventions | None = None,
             expert_impl: str = "sparse", unroll: bool = False, callbacks: dict[str, Any] | None = None,
             top_k: int | None = None, attention: AttentionSpec | None = None,
-            bucket: bool | None = None) -> Run:
+            bucket: bool | None = None, attn_impl: str = "tiled") -> Run:
         """Forward pass. ``capture``: hook names or globs; ``interventions``: data (no recompile when only
         values change); ``callbacks``: {hook: fn(value, layer) -> value} (static: recompiles);
         ``top_k``: route to a different number of experts (static: recompiles); ``attention``: an
@@ -204,7 +207,8 @@ class Model:
         length on the host. Right padding never changes real positions (causal attention, pad keys masked,
         padding excluded from expert load) beyond fp32 rounding of the different shapes. Default: the model's
         ``bucket`` (True). Runs with patches are bucketed too: patch values and masks are padded on the host
-        and the padded positions are never patched.
+        and the padded positions are never patched. ``attn_impl``: "tiled" (default) or "reference", see
+        :func:`grokviz.model.forward` (the same result to fp32 rounding).
 
         Interventions are checked on the host first (:func:`check_interventions`): every index, id, value and
         patch shape, with a ``ValueError`` naming the intervention and the bound."""
@@ -232,12 +236,13 @@ class Model:
         length = jnp.int32(t) if bucket else None  # always given when bucketing, so the pytree never changes
         out = forward_jit(self.params, jnp.asarray(padded), run_iv, length, cfg=cfg, capture=capture,
                           expert_impl=expert_impl, unroll=unroll,
-                          callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention)
+                          callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention,
+                          attn_impl=attn_impl)
         cache = ActivationCache(out.cache, dict(out.layout), num_layers=cfg.num_layers,
                                 length=t, moe_layers=cfg.moe_layer_ids)
         return Run(tokens, out.logits, cache, self, cfg=cfg, interventions=interventions,
                    attention=given_attention, capture=capture, expert_impl=expert_impl, bucket=bucket,
-                   unroll=unroll, callbacks=callbacks)
+                   unroll=unroll, callbacks=callbacks, attn_impl=attn_impl)
 
     def generate(self, prompt, max_new_tokens: int, **kwargs):
         """Sample a continuation with a KV cache, capturing and steering the model per generated token; see

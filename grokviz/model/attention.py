@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
@@ -11,6 +14,26 @@ from ..config import is_real
 from ..hooks import AttentionSpec
 from ..params import dense
 from .layers import MASK_VALUE, rms_norm, rope, softcap
+from .tiled import TILE_K, attend_tiled
+
+#: attention implementations: "tiled" (query x key tiles, online softmax; the default) and "reference" (the
+#: straightforward full-score form). Both give the same result to fp32 rounding; maps always use the reference.
+ATTN_IMPLS = ("tiled", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImplSpec(AttentionSpec):
+    """The run's :class:`~grokviz.hooks.AttentionSpec` as the blocks see it, with the implementation chosen."""
+
+    impl: str = "tiled"
+
+
+def with_impl(spec: AttentionSpec | None, impl: str) -> AttentionSpec:
+    """``spec`` (default ``AttentionSpec()``) carrying the attention implementation ``impl`` to the blocks."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {list(ATTN_IMPLS)}, got {impl!r}")
+    spec = spec or AttentionSpec()
+    return _ImplSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec)}, impl=impl)
 
 
 def positions_of(tokens, cfg, start=None):
@@ -226,6 +249,57 @@ def use_chunked(point, t) -> bool:
         point.wants(n) for n in MAPS if n != "attn.pattern")
 
 
+def use_tiled(point, spec, t) -> bool:
+    """The tiled path (no KV cache) runs unless the spec asks for the reference, a map is patched or called back
+    (the output then flows from the maps), or more top keys are wanted than a key tile holds. Maps that are only
+    captured are computed beside it in the reference form, so capturing them leaves the output unchanged."""
+    if getattr(spec, "impl", "tiled") != "tiled" or any(point.patched(n) for n in MAPS):
+        return False
+    return not (point.wants("attn.top_keys") or point.wants("attn.top_key_weights")) or spec.top_keys <= min(TILE_K, t)
+
+
+def _side_qk(point, q, k, qg, k_roped, positions, cfg):
+    """Queries [b kv g t d] and keys [b t kv d] for what is computed beside the tiled output (captured maps, the
+    chosen rows): from a copy behind an optimisation barrier, so that capturing them leaves the output's
+    computation (and so the logits) bit for bit as without capture. Without a patch on q or k, RoPE is applied
+    on that copy as :func:`attention_maps` applies it (maps of selected layers recomputed after the scan then
+    equal the maps captured inside it); with one, the patched values are used."""
+    if point.patched("attn.q") or point.patched("attn.k"):
+        return jax.lax.optimization_barrier((qg, k_roped))
+    q, k = jax.lax.optimization_barrier((q, k))
+    q, k = rope(q, positions, cfg.rope_base, cfg), rope(k, positions, cfg.rope_base, cfg)
+    return rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size), k
+
+
+def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side):
+    """:func:`grokviz.model.tiled.attend_tiled`, with the reduced summaries it carries recorded. Captured maps
+    and the chosen query rows of ``attn.pattern_at`` (over all keys, as in the full map) are computed in the
+    reference form beside it, from ``side()`` = (queries, keys) of :func:`_side_qk`."""
+    want = {n for n in REDUCED if point.wants(n)}
+    maps = [n for n in MAPS if point.wants(n)]
+    online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
+    o, summaries = attend_tiled(qg, k, v, mask, cfg, dt, sinks, want=online, top_keys=spec.top_keys)
+    for name, value in summaries.items():
+        if name in want:
+            point(name, value)
+    if not maps and "attn.pattern_at" not in want:
+        return o
+    sq, sk = side()
+    if maps:
+        values = dict(zip(MAPS, (rearrange(a, "b kv g t s -> b (kv g) t s") for a in _probs(sq, sk, *mask, cfg,
+                                                                                               sinks))))
+        for name in maps:
+            point(name, values[name])
+        if "attn.pattern" in maps and want:
+            _reductions(values["attn.pattern"], point, spec)
+    elif "attn.pattern_at" in want:
+        allowed, fill = mask
+        rows = jnp.asarray(spec.queries)
+        _, _, pat = _probs(sq[:, :, :, rows], sk, allowed[:, :, rows], fill, cfg, sinks)
+        point("attn.pattern_at", rearrange(pat, "b kv g t s -> b (kv g) t s"))
+    return o
+
+
 def write_cache(cache, new, step):
     """Write ``new`` [b, t, ...] into ``cache`` [b, S, ...] at index ``step[b]`` of each row (``step`` of shape ():
     the same index for every row, one in-place update instead of a per-row scatter)."""
@@ -251,9 +325,10 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None, positions=None
     spec = spec or AttentionSpec()
     if positions is None:
         positions = jnp.arange(t)
-    q, k, v = project_qkv(p, x, cfg)
-    q = _rope_point(point, "attn.q", q, positions, cfg)
-    k = _rope_point(point, "attn.k", k, positions, cfg)
+    q_pre, k_pre, v = project_qkv(p, x, cfg)
+    tiled = kv is None and use_tiled(point, spec, t)
+    q = _rope_point(point, "attn.q", q_pre, positions, cfg)
+    k = _rope_point(point, "attn.k", k_pre, positions, cfg)
     v = point("attn.v", v)
     if kv is not None:
         k_cache, v_cache, step = kv
@@ -262,7 +337,13 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None, positions=None
     sinks = _sinks(p, cfg)
     # query head j = kv_head * G + g uses kv head j // G (contiguous groups)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
-    if kv is None and use_chunked(point, t) and spec.top_keys <= CHUNK:
+    if tiled:
+        # the tiled loop starts from materialised q, k, v whatever else reads them (captures, maps beside it), so
+        # that its result is bit for bit the same with and without them
+        qg, k, v = jax.lax.optimization_barrier((qg, k, v))
+        o = _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks,
+                          functools.partial(_side_qk, point, q_pre, k_pre, qg, k, positions, cfg))
+    elif kv is None and use_chunked(point, t) and spec.top_keys <= CHUNK:
         o = _attend_chunked(qg, k, v, mask, cfg, point, spec, dt, sinks)
     else:
         if point.patched("attn.logits") or point.patched("attn.scores"):

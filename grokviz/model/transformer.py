@@ -15,7 +15,7 @@ import numpy as np
 from ..config import is_real
 from ..hooks import ROUTING_HOOKS, AttentionSpec, Point, select
 from ..params import DENSE_LEAVES, MOE_LEAVES, dense
-from .attention import MASK_VALUE, attention_mask, positions_of, window_allowed, write_cache
+from .attention import MASK_VALUE, attention_mask, positions_of, window_allowed, with_impl, write_cache
 from .block import EXPERT_IMPLS, block
 from .kvcache import KVCache
 from .layers import rms_norm
@@ -195,7 +195,7 @@ def split_layers(params, cfg) -> dict:
 
 def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length=None, capture=frozenset(),
                interventions=None, patches=None, callbacks=None, expert_impl="sparse", unroll=False,
-               attn_spec: AttentionSpec | None = None, kv: KVCache | None = None) -> Blocks:
+               attn_spec: AttentionSpec | None = None, kv: KVCache | None = None, attn_impl="tiled") -> Blocks:
     """Run layers ``start_layer .. stop_layer - 1`` on the residual stream ``h`` [batch, seq, d_model], which is
     ``resid_pre`` of ``start_layer``. ``tokens`` (int [batch, seq]) give padding, positions and the attention mask.
 
@@ -204,8 +204,8 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
     compiled program; no capture or callbacks then). ``interventions``: the per-layer arrays of
     :meth:`grokviz.interventions.Interventions.split` ({field: [num_layers, ...]}) or None. ``patches``:
     {blocks.* hook: (value [num_layers, ...], mask [num_layers, batch, seq])}. ``capture`` (validated names),
-    ``callbacks``, ``expert_impl``, ``unroll``, ``attn_spec``, ``length``: as in :func:`forward`. ``kv``: a
-    :class:`~grokviz.model.kvcache.KVCache` (all layers run; the chunk is written into it).
+    ``callbacks``, ``expert_impl``, ``unroll``, ``attn_spec``, ``length``, ``attn_impl``: as in :func:`forward`.
+    ``kv``: a :class:`~grokviz.model.kvcache.KVCache` (all layers run; the chunk is written into it).
 
     Consecutive layers of one kind (MoE or dense MLP) form one scan; routing hooks come from MoE layers only
     and, when the run has dense layers, are stacked over its MoE layers (the layout says which).
@@ -214,6 +214,7 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
     if isinstance(start_layer, np.integer):
         start_layer = int(start_layer)
     _check_blocks_args(cfg, expert_impl, patches, start_layer, stop_layer, capture, callbacks)
+    block_spec = with_impl(attn_spec, attn_impl)
     if kv is not None and (start_layer != 0 or stop_layer not in (None, cfg.num_layers)):
         raise ValueError("a KV cache needs every layer run (start_layer 0, stop_layer None)")
     stop = cfg.num_layers if stop_layer is None else stop_layer
@@ -229,7 +230,7 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
     def run_layer(p, h, iv, pt, layer, moe, kv_l):
         point = Point(body_capture, prefix="blocks.", patches=pt, callbacks=callbacks, layer=layer)
         step = None if kv is None else kv.step
-        return block(p, h, real, _layer_mask(masks, cfg, sliding_of[layer]), cfg, point, iv, expert_impl, attn_spec,
+        return block(p, h, real, _layer_mask(masks, cfg, sliding_of[layer]), cfg, point, iv, expert_impl, block_spec,
                      moe=moe, positions=masks.positions, kv=None if kv is None else (*kv_l, step))
 
     def make_body(moe):
@@ -319,12 +320,14 @@ _MOE_ONLY = frozenset(ROUTING_HOOKS) | {"blocks.moe.expert_out", "blocks.moe.exp
 
 def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, expert_impl="sparse",
             unroll=False, callbacks=None, attn_spec: AttentionSpec | None = None, length=None,
-            kv: KVCache | None = None) -> Output:
+            kv: KVCache | None = None, attn_impl="tiled") -> Output:
     """Pure forward pass. tokens: int [batch, seq] (pad id = padding, masked as keys only).
 
     ``capture``: hook names or globs, validated (see :func:`grokviz.hooks.select`; the capture contract is in
     :mod:`grokviz.hooks`). ``interventions``: a :class:`grokviz.interventions.Interventions` (or None).
     ``expert_impl``: "sparse" (fast) or "dense" (reference). ``unroll``: Python loop instead of lax.scan.
+    ``attn_impl``: "tiled" (query x key tiles with an online softmax, :mod:`grokviz.model.tiled`; fast) or
+    "reference" (the full score tensor); attention maps and KV-cache steps always use the reference form.
     ``callbacks``: {hook name: fn(value, layer) -> value}; static (changing them recompiles).
     ``attn_spec``: :class:`grokviz.hooks.AttentionSpec` — which layers/heads keep full attention maps, and the
     parameters of the reduced attention hooks. Maps kept for selected layers only are stacked over those
@@ -342,7 +345,8 @@ def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, exp
     h = embed(params, tokens, cfg, top)
     blocks = run_blocks(params, h, tokens, cfg, length=length, capture=capture, interventions=iv_layers,
                         patches={k: v for k, v in patches.items() if k.startswith("blocks.")},
-                        callbacks=callbacks, expert_impl=expert_impl, unroll=unroll, attn_spec=attn_spec, kv=kv)
+                        callbacks=callbacks, expert_impl=expert_impl, unroll=unroll, attn_spec=attn_spec, kv=kv,
+                        attn_impl=attn_impl)
     logits = unembed(params, blocks.h, cfg, top)
     return Output(logits=logits, cache={**top.values, **blocks.cache}, layout=tuple(blocks.layout.items()),
                   kv=blocks.kv)

@@ -1,0 +1,143 @@
+"""Tiled attention (grokviz.model.tiled: query x key tiles, online softmax, causal tiles skipped) equals the
+reference form to fp32 rounding: the core on its own (soft cap, left/right padding, bucket length, sinks, sliding
+window, lengths not a multiple of the tiles, the reduced summaries), whole forwards of the golden Grok and of
+Hugging Face families (sinks + sliding window, QK norm), and gradients through it."""
+
+import functools
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grokviz as gv
+from grokviz.families import preset
+from grokviz.model import forward
+from grokviz.model import tiled as T
+
+A = importlib.import_module("grokviz.model.attention")
+HF = os.path.join(os.path.dirname(__file__), "data", "hf")
+REDUCED = frozenset({"attn.entropy", "attn.top_keys", "attn.top_key_weights"})
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _tokens(cfg, b, t, seed=0):
+    toks = np.random.default_rng(seed).integers(3, cfg.vocab_size, (b, t)).astype(np.int32)
+    toks[0, :5] = cfg.pad_token       # left padding: queries with no allowed key
+    toks[-1, t - 3:] = cfg.pad_token  # right padding
+    return toks
+
+
+def _core_case(cfg, t=21, seed=0):
+    """Random q [b kv g t d], k, v, and the layer's mask for tokens with left/right padding and a bucket length."""
+    b, kv, g, d = 2, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    r = np.random.default_rng(seed)
+    qg = jnp.asarray(3 * r.standard_normal((b, kv, g, t, d)), jnp.float32)
+    k = jnp.asarray(3 * r.standard_normal((b, t, kv, d)), jnp.float32)
+    v = jnp.asarray(r.standard_normal((b, t, kv, d)), jnp.float32)
+    toks = jnp.asarray(_tokens(cfg, b, t, seed))
+    allowed, fill = A.attention_mask(toks, cfg.pad_token, length=jnp.int32(t - 2))
+    if cfg.sliding_window:
+        pos = A.positions_of(toks, cfg)
+        allowed = A.window_allowed(allowed, pos, pos, cfg.sliding_window)
+    sinks = jnp.asarray(r.standard_normal((kv, g)), jnp.float32) if cfg.attn_sinks else None
+    return qg, k, v, (allowed, fill), sinks
+
+
+CORE_CFGS = {
+    "grok": lambda: gv.GrokConfig.golden(),
+    "gpt_oss": lambda: preset("gpt_oss", vocab_size=96, d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2,
+                              head_dim=8, ffn=24, num_experts=4, top_k=2, sequence_len=64, pad_token=0,
+                              sliding_window=5, layer_types=("sliding", "full")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CORE_CFGS))
+def test_core_equals_reference_at_every_tiling(family):
+    cfg = CORE_CFGS[family]()
+    qg, k, v, mask, sinks = _core_case(cfg)
+    _, _, pat = A._probs(qg, k, *mask, cfg, sinks)
+    o_ref = jnp.einsum("bhgts,bshd->bthgd", pat, v)
+    flat = pat.reshape(pat.shape[0], -1, *pat.shape[3:])
+    ref = A._row_summaries(flat, REDUCED, 3)
+    for tq, tk in ((8, 4), (4, 8), (16, 16), (64, 64)):  # 21 tokens: never a multiple of the tiles
+        o, s = jax.jit(functools.partial(T.attend_tiled, cfg=cfg, dt=jnp.float32, want=REDUCED, top_keys=3,
+                                         tq=tq, tk=tk))(qg, k, v, mask, sinks=sinks)
+        assert _rel(o, o_ref) < 2e-6, (tq, tk)  # scores up to the cap of 30: a few ulp of exp(s - m)
+        np.testing.assert_allclose(s["attn.entropy"], ref["attn.entropy"], atol=2e-6, err_msg=str((tq, tk)))
+        np.testing.assert_allclose(s["attn.top_key_weights"], ref["attn.top_key_weights"], atol=1e-6)
+        np.testing.assert_array_equal(s["attn.top_keys"], ref["attn.top_keys"])
+    if sinks is None:  # left-padded queries: the mean of v over the keys before the bucket length
+        mean = jnp.mean(v[0, :19], axis=0)[None, :, None, :]  # [1, kv, 1, d]
+        np.testing.assert_allclose(o[0, :5], jnp.broadcast_to(mean, o[0, :5].shape), rtol=1e-5, atol=1e-7)
+
+
+def test_only_tiles_at_or_below_the_diagonal_are_visited():
+    qi, ki = T.tile_pairs(21, 8, 4)
+    assert len(qi) == 2 + 4 + 6  # query blocks [0,8) [8,16) [16,21) need key blocks up to 7, 15, 20
+    assert all(k * 4 <= min((q + 1) * 8, 21) - 1 for q, k in zip(qi, ki))
+    assert len(T.tile_pairs(1024, 128, 128)[0]) == 8 * 9 // 2
+
+
+def _small_tiles(monkeypatch):
+    monkeypatch.setattr(T, "TILE_Q", 8)
+    monkeypatch.setattr(T, "TILE_K", 4)
+
+
+def _both(params, toks, cfg, **kw):
+    """Logits (and cache) of one forward per implementation, each in a fresh jit (tile sizes read at trace)."""
+    out = {}
+    for impl in ("reference", "tiled"):
+        fn = jax.jit(functools.partial(forward, cfg=cfg, attn_impl=impl, **kw))
+        out[impl] = fn(params, jnp.asarray(toks))
+    return out["reference"], out["tiled"]
+
+
+def test_golden_forward_tiled_equals_reference(golden, monkeypatch):
+    _small_tiles(monkeypatch)
+    cfg, params, z = golden
+    toks = np.asarray(z["tokens"])
+    ref, tiled = _both(params, toks, cfg, length=jnp.int32(toks.shape[1] - 1))
+    assert _rel(tiled.logits, ref.logits) < 1e-6
+    assert _rel(tiled.logits, z["logits"]) < 1.2e-6  # the golden itself
+    padded = _tokens(cfg, 2, 27, seed=3)  # left + right padding, 27 tokens: 4 query blocks, 7 key blocks
+    ref, tiled = _both(params, padded, cfg, capture=frozenset({"blocks.moe.top_k_experts"}))
+    assert _rel(tiled.logits, ref.logits) < 1e-6
+    np.testing.assert_array_equal(tiled.cache["blocks.moe.top_k_experts"], ref.cache["blocks.moe.top_k_experts"])
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])  # sinks + sliding window + YaRN; QK norm per head
+def test_hf_family_forward_tiled_equals_reference(family, monkeypatch):
+    _small_tiles(monkeypatch)
+    model = gv.load(os.path.join(HF, family))
+    cfg = model.cfg
+    toks = _tokens(cfg, 2, 19, seed=4)
+    ref, tiled = _both(model.params, toks, cfg)
+    assert _rel(tiled.logits, ref.logits) < 1e-6
+
+
+def test_gradients_through_the_tiled_path(golden, monkeypatch):
+    _small_tiles(monkeypatch)
+    cfg, params, z = golden
+    toks = jnp.asarray(_tokens(cfg, 2, 13, seed=5))
+
+    def loss(w_q, impl):
+        p = {**params, "blocks": {**params["blocks"], "w_q": w_q}}
+        return jnp.sum(forward(p, toks, cfg, attn_impl=impl).logits ** 2)
+
+    w = params["blocks"]["w_q"]
+    g_ref = jax.jit(jax.grad(functools.partial(loss, impl="reference")))(w)
+    g_tiled = jax.jit(jax.grad(functools.partial(loss, impl="tiled")))(w)
+    assert np.abs(np.asarray(g_ref)).max() > 0
+    assert _rel(g_tiled, g_ref) < 1e-5
+
+
+def test_attn_impl_is_checked():
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        A.with_impl(None, "flash")
