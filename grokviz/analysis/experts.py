@@ -1,5 +1,6 @@
 """Expert-level analysis: counterfactual expert outputs, their direct logit attribution, the per-expert logit lens
-and the single-expert substitution experiment (docs/analysis.md; issue 16).
+and the single-expert substitution experiment (issue 16; the experts and their write into the residual stream:
+docs/families.md#experts, docs/families.md#block, docs/grok1.md#block).
 
 **Counterfactual expert outputs.** What every expert, selected or not, would output for a token at a MoE layer:
 the hook ``blocks.moe.expert_outputs_all`` [layer, batch, seq, expert, d_model] (computed only when captured).

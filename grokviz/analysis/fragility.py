@@ -1,5 +1,6 @@
 """Routing fragility: how close each token is to a different expert selection, and how often the selection
-actually flips under the perturbations a port or a release introduces (docs/analysis.md; issue 16).
+actually flips under the perturbations a port or a release introduces (issue 16; the routers:
+docs/families.md#routers, docs/grok1.md#moe; the int8 format: docs/grok1.md#checkpoint).
 
 * **Top-k margin**: per token and MoE layer, ``p_(k) - p_(k+1)``, the gap between the k-th and (k+1)-th largest
   router probabilities (``blocks.moe.router_probs``; for the top-k-then-softmax families the selection is on
