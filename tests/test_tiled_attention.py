@@ -66,7 +66,7 @@ def test_core_equals_reference_at_every_tiling(family):
     o_ref = jnp.einsum("bhgts,bshd->bthgd", pat, v)
     flat = pat.reshape(pat.shape[0], -1, *pat.shape[3:])
     ref = A._row_summaries(flat, REDUCED, 3)
-    for tq, tk in ((8, 4), (4, 8), (16, 16), (64, 64)):  # 21 tokens: never a multiple of the tiles
+    for tq, tk in ((8, 4), (4, 8), (64, 64)):  # 21 tokens: never a multiple of the tiles
         o, s = jax.jit(functools.partial(T.attend_tiled, cfg=cfg, dt=jnp.float32, want=REDUCED, top_keys=3,
                                          tq=tq, tk=tk))(qg, k, v, mask, sinks=sinks)
         assert _rel(o, o_ref) < 2e-6, (tq, tk)  # scores up to the cap of 30: a few ulp of exp(s - m)
