@@ -4,9 +4,10 @@ docs/families.md#experts, docs/families.md#block, docs/grok1.md#block).
 
 **Counterfactual expert outputs.** What every expert, selected or not, would output for a token at a MoE layer:
 the hook ``blocks.moe.expert_outputs_all`` [layer, batch, seq, expert, d_model] (computed only when captured).
-:func:`expert_outputs` runs the model once (``blocks.resid_pre`` and the routing captured) and then the chosen
-layer alone again, with the model's own :func:`grokviz.model.run_blocks`, capturing that hook there, so the cost
-is one forward plus one layer's dense expert work.
+:func:`expert_outputs` runs the model once (the MoE input ``blocks.moe.pre_norm`` and the routing captured) and
+then the chosen layer's experts on the chosen positions with the model's own
+:func:`grokviz.model.moe.expert_outputs_all` (the hook's computation), so the cost is one forward plus one layer's
+dense expert work at those positions.
 
 **Their direct logit attribution** (:func:`counterfactual_dla`) is the linearisation of
 :mod:`grokviz.analysis.attribution`: the layer's MoE write factor (Grok's post-norm ``g * r`` with ``r`` frozen at
@@ -34,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..model.transformer import run_blocks
-from ..params import dense
+from ..model import moe as _moe
+from ..params import MOE_LEAVES, dense
 from .attribution import DLA_CAPTURE, _pieces, _row_position, _rscale, _write_factor, lens_logits
 from .common import token_id
 
@@ -43,7 +44,10 @@ __all__ = ["expert_outputs", "counterfactual_dla", "counterfactual_table", "expe
            "single_expert_substitution", "CF_HOOK", "RUN_CAPTURE"]
 
 CF_HOOK = "blocks.moe.expert_outputs_all"
-#: what the functions here capture: one set (and interventions always given), so they share one compiled program
+#: what expert_outputs captures (little: it is the counterfactual capture's cost over a plain forward)
+CF_CAPTURE = ("blocks.moe.out", "blocks.moe.pre_norm", "blocks.moe.top_k_experts", "blocks.moe.top_k_weights",
+              "blocks.resid_post")
+#: what the lens functions capture: one set (and interventions always given), so they share one compiled program
 RUN_CAPTURE = tuple(sorted(set(DLA_CAPTURE) | {"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.pre_norm"}))
 
 
@@ -57,16 +61,23 @@ def _moe_layer(cfg, layer) -> int:
     return layer
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
-def _layer_outputs(params, h0, tokens, iv_layers, patches, cfg, layer):
-    out = run_blocks(params, h0, tokens, cfg, start_layer=layer, stop_layer=layer + 1, capture=frozenset({CF_HOOK}),
-                     interventions=iv_layers, patches=patches)
-    return out.cache[CF_HOOK][0]
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _layer_outputs(p_layer, x, cfg):
+    return _moe.expert_outputs_all(p_layer, x, cfg)
+
+
+def _moe_params(model, layer):
+    """The router and expert leaves of MoE ``layer`` (indexed along the MoE layers, as stored)."""
+    m = model.cfg.moe_layer_ids.index(layer)
+    blocks = model.params["blocks"]
+    return {k: jax.tree_util.tree_map(lambda a: a[m], blocks[k]) for k in MOE_LEAVES if k in blocks}
 
 
 def expert_outputs(model, tokens, layer: int, *, positions=None, interventions=None) -> dict:
-    """Counterfactual outputs of every expert at MoE ``layer``: one forward, then that layer again with
-    ``blocks.moe.expert_outputs_all`` captured. ``positions``: sequence positions to keep (default all).
+    """Counterfactual outputs of every expert at MoE ``layer``: one forward with the MoE input
+    (``blocks.moe.pre_norm``) captured, then every expert of that layer on it at ``positions`` (default all) with
+    the model's own :func:`grokviz.model.moe.expert_outputs_all` (what the hook ``blocks.moe.expert_outputs_all``
+    computes inside the model), so choosing positions saves the work of the others.
 
     Returns numpy arrays: ``outputs`` [batch, pos, expert, d_model] (before gating), ``experts``/``gates``
     [batch, pos, k] (the run's selection), ``moe_out`` [batch, pos, d_model], ``positions``, plus ``run`` (the
@@ -81,16 +92,13 @@ def expert_outputs(model, tokens, layer: int, *, positions=None, interventions=N
     layer = _moe_layer(cfg, layer)
     tokens = model.to_tokens(tokens)
     iv = Interventions.none(cfg) if interventions is None else interventions
-    run = model.run(tokens, capture=RUN_CAPTURE, interventions=iv)
-    layers, patches = iv.split()
-    patches = {k: v for k, v in patches.items() if k.startswith("blocks.")}
-    y_all = _layer_outputs(model.params, jnp.asarray(run.cache["blocks.resid_pre", layer]), jnp.asarray(tokens),
-                           layers, patches, cfg, layer)
+    run = model.run(tokens, capture=CF_CAPTURE, interventions=iv)
     t = tokens.shape[1]
     pos = np.arange(t) if positions is None else np.asarray(
         [p % t for p in _check_positions(positions, t)], np.int64)
     pick = lambda a: np.asarray(a)[:, pos]  # noqa: E731
-    return {"outputs": pick(y_all), "experts": pick(run.cache["blocks.moe.top_k_experts", layer]),
+    y_all = _layer_outputs(_moe_params(model, layer), jnp.asarray(pick(run.cache["blocks.moe.pre_norm", layer])), cfg)
+    return {"outputs": np.asarray(y_all), "experts": pick(run.cache["blocks.moe.top_k_experts", layer]),
             "gates": pick(run.cache["blocks.moe.top_k_weights", layer]),
             "moe_out": pick(run.cache["blocks.moe.out", layer]),
             "positions": pos, "layer": layer, "run": run}
