@@ -261,7 +261,7 @@ def ablation_name(how) -> str:
     name = ABLATION_ALIASES.get(how, how) if isinstance(how, str) else how
     if name not in ABLATIONS:
         raise ValueError(f"expert ablation mode must be one of {list(ABLATIONS)} (contribution: its output x 0, "
-                         f"routing unchanged; route_around: the next-best expert takes its slot; swap: its slots go to "
+                         "routing unchanged; route_around: the next-best expert takes its slot; swap: its slots go to "
                          f"another expert at the same gate) or an old name {sorted(ABLATION_ALIASES)}, got {how!r}")
     return name
 

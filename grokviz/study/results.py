@@ -84,7 +84,6 @@ def from_totals(plan, ints: dict, floats: dict) -> StudyResult:
         attention = D.AttentionStats(sums, plan.model.cfg.group_size)
     abl = None
     if "ablation" in plan.spec.collect:
-        from .runner import ablation_labels
 
         lay, unit = ablation_labels(plan)
         abl = {"kind": dict(plan.spec.ablation)["kind"], "layer": lay, "unit": unit, "nll": floats["abl_nll"].copy(),
@@ -120,3 +119,13 @@ def load(path) -> StudyResult:
         att = {k: (int(v) if k.startswith("n_") else v) for k, v in att.items()}
         attention = D.AttentionStats(att, int(z["att_group_size"][0]))
     return StudyResult(routing, attention, meta, abl)
+
+
+def ablation_labels(plan):
+    """(layer [n], unit [n]) of a study plan's ablation sweep, in ``ablation_sums``'s order."""
+    from ..analysis import patching as PT
+
+    cfg, a = plan.model.cfg, dict(plan.spec.ablation)
+    units = cfg.num_experts if a["kind"] == "expert" else cfg.num_q_heads
+    layers = PT._layers(None if a["layers"] is None else list(a["layers"]), cfg, a["kind"])
+    return np.repeat(layers, units), np.tile(np.arange(units), len(layers))

@@ -34,6 +34,7 @@ from ..analysis import dataset as D
 from ..analysis import patching as PT
 from ..analysis import specialisation as S
 from . import store
+from .results import ablation_labels
 from .spec import Spec, load_spec, model_fingerprint
 
 ROUTING_CAPTURE = ["blocks.moe.top_k_experts", "blocks.moe.router_probs", "blocks.moe.router_logits",
@@ -81,14 +82,6 @@ def _layout(plan: Plan):
         n = len(ablation_labels(plan)[0])
         floats += [("abl_nll", (n,)), ("abl_kl", (n,)), ("abl_base_nll", (1,)), ("abl_n_pred", (1,))]
     return ints, floats
-
-
-def ablation_labels(plan: Plan):
-    """(layer [n], unit [n]) of the sweep, in ablation_sums's order."""
-    cfg, a = plan.model.cfg, dict(plan.spec.ablation)
-    units = cfg.num_experts if a["kind"] == "expert" else cfg.num_q_heads
-    layers = PT._layers(None if a["layers"] is None else list(a["layers"]), cfg, a["kind"])
-    return np.repeat(layers, units), np.tile(np.arange(units), len(layers))
 
 
 def _pack(parts: dict, layout, dtype) -> np.ndarray:
