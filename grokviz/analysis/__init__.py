@@ -10,6 +10,9 @@
 * :mod:`.fragility`    routing fragility: top-k margins and selection flips under bf16 / int8 / input noise
 * :mod:`.patching`     ablation sweeps over (layer, expert | head) reusing the prefix and vmapping; activation and
                        routing patching between two prompts
+* :mod:`.steering`     detect then steer: per-expert activation-rate differences between two sets of texts with
+                       intervals, a router-bias steering intervention, its measured effect
+* :mod:`.traces`       vLLM / SGLang routed-expert traces: read, check, replay as forced routing, compare
 * :mod:`.common`       prediction pairs, last real positions, one-token ids, next-token log-probs, loss and KL
 * :mod:`.dataset`      batched runners over many texts with streaming aggregates (default: the bundled corpus's
                        validation split)
@@ -24,6 +27,8 @@ from . import fragility as fragility
 from . import patching as patching
 from . import routing as routing
 from . import specialisation as specialisation
+from . import steering as steering
+from . import traces as traces
 from .common import last_real_position as last_real_position
 from .common import next_token_kl as next_token_kl
 from .common import next_token_logprobs as next_token_logprobs
@@ -68,3 +73,10 @@ from .specialisation import token_class as token_class
 from .specialisation import token_expert_counts as token_expert_counts
 from .specialisation import top_tokens as top_tokens
 from .specialisation import vocab_classes as vocab_classes
+from .steering import detect as detect
+from .steering import detect_tokens as detect_tokens
+from .steering import steered_generation as steered_generation
+from .steering import steering_effect as steering_effect
+from .traces import read_sglang as read_sglang
+from .traces import read_vllm as read_vllm
+from .traces import replay as replay

@@ -9,6 +9,8 @@
 * :mod:`.ablation_lab`        AblationLab
 * :mod:`.routing_flow`        RoutingFlow
 * :mod:`.generation_explorer` GenerationExplorer (figures in :mod:`.generation_figures`)
+* :mod:`.fragility`           FragilityView and the routing-fragility figures
+* :mod:`.steering_figures`    detect-then-steer figures (activation-rate differences, ranked experts, effect)
 * :mod:`.export`              export_html
 """
 
@@ -17,6 +19,7 @@ from . import theme as theme
 from .ablation_lab import AblationLab as AblationLab
 from .attention_explorer import AttentionExplorer as AttentionExplorer
 from .export import export_html as export_html
+from .fragility import FragilityView as FragilityView
 from .generation_explorer import GenerationExplorer as GenerationExplorer
 from .load_dashboard import ExpertLoadDashboard as ExpertLoadDashboard
 from .routing_explorer import RoutingExplorer as RoutingExplorer
