@@ -8,4 +8,6 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
     || echo "warning: could not install chromium; tests/test_browser.py will be skipped" >&2
 fi
 source scripts/env.sh  # the malloc tunables the notebook kernels run with (grokviz/runtime.py)
-exec .venv/bin/python -m pytest "$@"
+# two workers, each taking whole files (module fixtures compile once): most of the suite is single-threaded XLA
+# compilation, so on 2 cores this halves the wall time; `bash scripts/test.sh -n 0` runs in one process
+exec .venv/bin/python -m pytest -n "${GROKVIZ_TEST_WORKERS:-2}" --dist loadfile "$@"
