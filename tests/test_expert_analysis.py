@@ -62,9 +62,8 @@ def test_counterfactual_outputs_equal_each_expert_alone(fam):
     np.testing.assert_allclose(part["outputs"], cf["outputs"][:, [0, f.tokens.shape[1] - 1]], atol=1e-6)
 
 
+@pytest.mark.parametrize("fam", ["tiny"], indirect=True)  # one family is enough for the hook's plumbing
 def test_hook_capture_leaves_the_run_unchanged_and_a_patch_flows_on(fam):
-    if fam.name != "tiny":
-        pytest.skip("one family is enough for the hook's plumbing")
     f, cfg = fam, fam.cfg
     hook = "blocks.moe.expert_outputs_all"
     none = Interventions.none(cfg)
@@ -99,9 +98,9 @@ def test_counterfactual_dla_matches_dla_components(fam):
     np.testing.assert_allclose(tbl.loc[tbl.selected, "gate"].sum(), one["gates"][0, 0].sum(), atol=1e-6)
 
 
+# the sandwich (tiny) and the residual multiplier (granite) cover the write factors
+@pytest.mark.parametrize("fam", ["tiny", "granitemoe"], indirect=True)
 def test_expert_lens_reads_out_the_writes(fam):
-    if fam.name == "mixtral":
-        pytest.skip("the sandwich (tiny) and the residual multiplier (granite) cover the write factors")
     f, cfg = fam, fam.cfg
     df = X.expert_lens(f.model, f.tokens, f.layer, row=0, position=-1, k=3)
     pos = int(np.flatnonzero(np.asarray(f.run.real)[0])[-1])
