@@ -3,9 +3,11 @@
 Run: .venv/bin/python scripts/make_notebook_05.py
 """
 
+import sys
 from pathlib import Path
 
-import nbformat
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/, also when loaded by path
+import _notebook  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "notebooks" / "05_grok1_at_scale.ipynb"
 
@@ -263,22 +265,8 @@ and `grokviz inspect --plan grok-1 --hosts 2 --devices 8` gives the memory per d
 
 
 def build():
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    for i, (kind, src) in enumerate(CELLS):
-        cell = (nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell)(src.strip())
-        cell["id"] = f"nb05-{i:02d}"
-        nb.cells.append(cell)
-    nbformat.validate(nb)
-    return nb
+    return _notebook.build(CELLS, "nb05")
 
 
 if __name__ == "__main__":
-    import os
-
-    OUT.parent.mkdir(exist_ok=True)
-    tmp = OUT.with_name(f".{OUT.name}.tmp-{os.getpid()}")
-    nbformat.write(build(), tmp)
-    os.replace(tmp, OUT)  # a failed run never leaves a half-written notebook
-    print(f"wrote {OUT}")
+    _notebook.write(build(), OUT)

@@ -174,23 +174,10 @@ def split_layers(params, cfg) -> dict:
     a stacked leaf out of it on every iteration before a matmul reads it (config of record, batch 4: 12 MB of
     expert weights per layer and step). Slicing once before the loop makes the slices loop invariants, read in
     place."""
-    blocks = params["blocks"]
-    moe_of = {la: i for i, la in enumerate(cfg.moe_layer_ids)}
-    dense_of = {la: i for i, la in enumerate(cfg.dense_layer_ids)}
-    layers = []
-    for la in range(cfg.num_layers):
-        one = {}
-        for name, leaf in blocks.items():
-            if name in MOE_LEAVES:
-                if la in moe_of:
-                    one[name] = jax.tree_util.tree_map(lambda x, i=moe_of[la]: x[i], leaf)
-            elif name in DENSE_LEAVES:
-                if la in dense_of:
-                    one[name] = jax.tree_util.tree_map(lambda x, i=dense_of[la]: x[i], leaf)
-            else:
-                one[name] = jax.tree_util.tree_map(lambda x, i=la: x[i], leaf)
-        layers.append(one)
-    return {**params, "blocks": tuple(layers)}
+    layers = tuple(jax.tree_util.tree_map(lambda x: x[0], _segment_params(params["blocks"], cfg, la, la + 1,
+                                                                          cfg.is_moe(la)))
+                   for la in range(cfg.num_layers))
+    return {**params, "blocks": layers}
 
 
 def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length=None, capture=frozenset(),
