@@ -3,9 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } \
-    || echo "warning: could not install chromium; tests/test_browser.py will be skipped" >&2
+# Debian packages the tests use when missing: chromium (the browser test) and g++ (grokviz.kernels, the optional
+# fused attention kernel; without a compiler grokviz falls back to pure JAX and tests/test_fused_attention.py skips)
+need=()
+[ -x /usr/bin/chromium ] || need+=(chromium fonts-dejavu-core)
+command -v g++ >/dev/null || need+=(g++)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; } \
+    || echo "warning: could not install ${need[*]}; the tests that need them will be skipped" >&2
 fi
 source scripts/env.sh  # the malloc tunables the notebook kernels run with (grokviz/runtime.py)
 # two workers, each taking whole files (module fixtures compile once): most of the suite is single-threaded XLA
