@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import ActivationCache
-from .config import GrokConfig, is_real
+from .config import GrokConfig, bucket_length, is_real
 from .hooks import REGISTRY, AttentionSpec, select
 from .interventions import Interventions, check_interventions
 from .model.transformer import forward
@@ -40,14 +40,6 @@ def _forward_many(params, tokens, stacked, *, cfg, capture, expert_impl):
 
 
 forward_many_jit = jax.jit(_forward_many, static_argnames=("cfg", "capture", "expert_impl"))
-
-
-def bucket_length(t: int, max_len: int) -> int:
-    """Smallest bucket >= t: 16, 32, 64, 128, 256, then multiples of 256; capped at max_len."""
-    b = 16
-    while b < t:
-        b = b * 2 if b < 256 else b + 256
-    return max(t, min(b, max_len))
 
 
 def pad_seq(name: str, value, width: int) -> np.ndarray:

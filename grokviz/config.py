@@ -316,3 +316,13 @@ def is_real(tokens, pad_token: int):
     (pad 0, ids >= 0) this is the reference's ``token > 0``; a config with ``pad_token = -1`` has no padding id.
     Used by the model, training, the dataset runners and the analysis code."""
     return tokens != pad_token
+
+
+def bucket_length(t: int, max_len: int) -> int:
+    """The sequence buckets of :meth:`grokviz.Model.run` and of generation's prompt buffer: the smallest of 16,
+    32, 64, 128, 256, then multiples of 256, that holds ``t``, capped at ``max_len`` (never below ``t``). One
+    compile per bucket instead of one per length."""
+    b = 16
+    while b < t:
+        b = b * 2 if b < 256 else b + 256
+    return max(t, min(b, max_len))

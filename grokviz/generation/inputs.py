@@ -7,21 +7,12 @@ import dataclasses
 
 import numpy as np
 
+from ..config import bucket_length
 from ..hooks import REGISTRY, select, unknown_hook_error
 
 #: captured by ``capture="routing"``: everything about the router's choices per generated step
 ROUTING_CAPTURE = ("blocks.moe.router_logits", "blocks.moe.router_probs", "blocks.moe.top_k_experts",
                    "blocks.moe.top_k_weights", "blocks.moe.expert_load")
-
-
-def bucket_length(t: int, max_len: int) -> int:
-    """Smallest bucket >= t: 16, 32, 64, 128, 256, then multiples of 256, capped at max_len: the rule of
-    :meth:`grokviz.Model.run`'s buckets (grokviz.api imports this package lazily, so the rule is restated here
-    rather than imported; a test checks that the two agree)."""
-    b = 16
-    while b < t:
-        b = b * 2 if b < 256 else b + 256
-    return max(t, min(b, max_len))
 
 
 @dataclasses.dataclass(frozen=True)
