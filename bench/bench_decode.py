@@ -192,21 +192,10 @@ def main():
         config, args.prompt, args.new, args.batches = QUICK, 16, 8, "1,2"
         args.warmup, args.reps, args.max_foreign = 1, 1, 1.0
         H._WAIT_BUDGET[0] = 0.0
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="bench_decode_")
-    workers = {}
-    try:
-        for kind in ("dec_hf", "dec_grokviz"):
-            workers[kind] = BP.Worker(kind, ctx)
-        for w in workers.values():
-            w.info = w.reply()
-    except BP.WorkerSkip as e:
-        print(f"# bench_decode skipped: torch/transformers not importable ({e})")
-        for w in workers.values():
-            w.close()
+    workers = BP.start_workers(("dec_hf", "dec_grokviz"), "bench_decode")
+    if workers is None:
         return
+    tmp = tempfile.mkdtemp(prefix="bench_decode_")
     gz, hf = workers["dec_grokviz"], workers["dec_hf"]
     rows, metas, N = [], {}, args.new
     try:

@@ -170,21 +170,10 @@ def compare_logits(a_path: str, b_path: str) -> dict:
 
 
 def run_forward(args, config: dict, batch: int, seq: int) -> None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="bench_families_")
-    workers = {}
-    try:
-        for kind in ("fam_hf", "fam_grokviz"):
-            workers[kind] = BP.Worker(kind, ctx)
-        for w in workers.values():
-            w.info = w.reply()
-    except BP.WorkerSkip as e:
-        print(f"# bench_families forward skipped: torch/transformers not importable ({e})")
-        for w in workers.values():
-            w.close()
+    workers = BP.start_workers(("fam_hf", "fam_grokviz"), "bench_families forward")
+    if workers is None:
         return
+    tmp = tempfile.mkdtemp(prefix="bench_families_")
     gz, hf = workers["fam_grokviz"], workers["fam_hf"]
     rows, metas = [], {}
     try:

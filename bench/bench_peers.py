@@ -300,25 +300,35 @@ def rows_of(shape, times, info, flops_total, gemm_flop) -> tuple[list[dict], flo
     return rows, rate, floor_ms
 
 
-def run_workers(args) -> None:
+def start_workers(kinds, script: str) -> dict | None:
+    """Start one spawned worker per kind (in parallel: each imports its framework, the HF ones build models) and
+    wait for their info; None (with a line saying why) when torch/transformers are not importable. A failure
+    closes the workers already started."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     workers = {}
     try:
-        for kind in ("hf", "grokviz"):  # both start (import, build the HF models) in parallel
+        for kind in kinds:
             workers[kind] = Worker(kind, ctx)
         for w in workers.values():
             w.info = w.reply()
     except WorkerSkip as e:
-        print(f"# bench_peers skipped: torch/transformers not importable ({e}); see the module docstring")
+        print(f"# {script} skipped: torch/transformers not importable ({e}); see the module docstring")
         for w in workers.values():
             w.close()
-        return
+        return None
     except BaseException:
         for w in workers.values():
             w.close()
         raise
+    return workers
+
+
+def run_workers(args) -> None:
+    workers = start_workers(("hf", "grokviz"), "bench_peers")
+    if workers is None:
+        return
     gz, hf = workers["grokviz"], workers["hf"]
     try:
         winfo = {k: w.info for k, w in workers.items()}
