@@ -5,9 +5,11 @@ interleaved run. Target (issue 16): <= 1.5x the plain forward.
 
 Modes (each returns numpy arrays on the host, as a notebook gets them):
   plain        model.run(tokens).logits
-  cf_all       expert_outputs(model, tokens, layer): one forward capturing the MoE input, then every expert of
-               that layer on every position ([4, 256, 8, 256] outputs)
+  cf_all       expert_outputs(model, tokens, layer): one jitted computation, the blocks up to that layer with
+               the MoE input captured, then every expert of that layer on every position ([4, 256, 8, 256])
   cf_last      the same at the last position only (positions=[-1])
+  cf_dla       counterfactual_dla(model, tokens, layer, target): every layer (the readout needs the final
+               residual stream), then every expert of that layer on every position and its DLA to one target
   hook         model.run(tokens, capture="blocks.moe.expert_outputs_all"): the hook itself, every MoE layer
 
 Run:  bash scripts/env.sh .venv/bin/python bench/bench_counterfactual.py [--layer 3] [--reps 9]
@@ -33,7 +35,7 @@ def main(argv=None):
     import numpy as np
 
     import grokviz as gv
-    from grokviz.analysis.experts import expert_outputs
+    from grokviz.analysis.experts import counterfactual_dla, expert_outputs
 
     cfg = H.config_of_record()
     model = gv.Model(cfg, gv.init_params(cfg, jax.random.key(H.SEED)))
@@ -43,6 +45,7 @@ def main(argv=None):
         "plain": lambda: np.asarray(model.run(toks).logits),
         "cf_all": lambda: expert_outputs(model, toks, args.layer)["outputs"],
         "cf_last": lambda: expert_outputs(model, toks, args.layer, positions=[-1])["outputs"],
+        "cf_dla": lambda: counterfactual_dla(model, toks, args.layer, 7)["ungated"],
         "hook": lambda: np.asarray(model.run(toks, capture=["blocks.moe.expert_outputs_all"]).cache[
             "blocks.moe.expert_outputs_all"]),
     }
@@ -55,7 +58,7 @@ def main(argv=None):
     gflops = H.gemm_gflops(times[H.GEMM_REF], gemm.flop)
     base = float(np.median(times["plain"]))
     rows = []
-    for name in ("plain", "cf_all", "cf_last", "hook"):
+    for name in ("plain", "cf_all", "cf_last", "cf_dla", "hook"):
         s = H.summarize(times[name])
         rows.append({"mode": name, "median": s["median_ms"], "p25": s["p25_ms"], "p75": s["p75_ms"],
                      "x_plain": round(s["median_ms"] / base, 2)})

@@ -4,10 +4,10 @@ docs/families.md#experts, docs/families.md#block, docs/grok1.md#block).
 
 **Counterfactual expert outputs.** What every expert, selected or not, would output for a token at a MoE layer:
 the hook ``blocks.moe.expert_outputs_all`` [layer, batch, seq, expert, d_model] (computed only when captured).
-:func:`expert_outputs` runs the model once (the MoE input ``blocks.moe.pre_norm`` and the routing captured) and
-then the chosen layer's experts on the chosen positions with the model's own
-:func:`grokviz.model.moe.expert_outputs_all` (the hook's computation), so the cost is one forward plus one layer's
-dense expert work at those positions.
+:func:`expert_outputs` is one jitted computation: the model's own blocks up to the chosen layer (the MoE input
+``blocks.moe.pre_norm`` and the routing captured, nothing sent to the host), then that layer's experts on the chosen
+positions with the model's own :func:`grokviz.model.moe.expert_outputs_all` (the hook's computation), so the cost
+is at most one forward plus one layer's dense expert work at those positions (bench/bench_counterfactual.py).
 
 **Their direct logit attribution** (:func:`counterfactual_dla`) is the linearisation of
 :mod:`grokviz.analysis.attribution`: the layer's MoE write factor (Grok's post-norm ``g * r`` with ``r`` frozen at
@@ -28,6 +28,7 @@ dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ..hooks import Point, select
 from ..model import moe as _moe
+from ..model.transformer import embed, run_blocks
 from ..params import MOE_LEAVES, dense
 from .attribution import DLA_CAPTURE, _pieces, _row_position, _rscale, _write_factor, lens_logits
 from .common import token_id
@@ -45,8 +48,7 @@ __all__ = ["expert_outputs", "counterfactual_dla", "counterfactual_table", "expe
 
 CF_HOOK = "blocks.moe.expert_outputs_all"
 #: what expert_outputs captures (little: it is the counterfactual capture's cost over a plain forward)
-CF_CAPTURE = ("blocks.moe.out", "blocks.moe.pre_norm", "blocks.moe.top_k_experts", "blocks.moe.top_k_weights",
-              "blocks.resid_post")
+CF_CAPTURE = ("blocks.moe.out", "blocks.moe.pre_norm", "blocks.moe.top_k_experts", "blocks.moe.top_k_weights")
 #: what the lens functions capture: one set (and interventions always given), so they share one compiled program
 RUN_CAPTURE = tuple(sorted(set(DLA_CAPTURE) | {"blocks.resid_pre", "blocks.resid_mid", "blocks.moe.pre_norm"}))
 
@@ -61,47 +63,83 @@ def _moe_layer(cfg, layer) -> int:
     return layer
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _layer_outputs(p_layer, x, cfg):
-    return _moe.expert_outputs_all(p_layer, x, cfg)
+def _cf_program(params, tokens, iv, length, pos, *, cfg, layer, full):
+    """One jitted computation: the model's own embed and blocks (up to ``layer`` only, or every layer when
+    ``full``: then the final residual stream is returned too, for the readout) with the MoE input and routing of
+    ``layer`` captured, then every expert of that layer at positions ``pos`` (None: all) with the model's own
+    :func:`grokviz.model.moe.expert_outputs_all`. Nothing goes to the host in between."""
+    iv_layers, patches = iv.split()
+    top = Point(frozenset(), patches={k: v for k, v in patches.items() if not k.startswith("blocks.")})
+    h = embed(params, tokens, cfg, top)
+    blocks = run_blocks(params, h, tokens, cfg, stop_layer=None if full else layer + 1, length=length,
+                        capture=select(CF_CAPTURE), interventions=iv_layers,
+                        patches={k: v for k, v in patches.items() if k.startswith("blocks.")})
+    c, m = blocks.cache, cfg.moe_layer_ids.index(layer)   # routing hooks are stacked over the MoE layers
+    take = (lambda a: a) if pos is None else (lambda a: jnp.take(a, pos, axis=1))  # noqa: E731
+    p_layer = {k: jax.tree_util.tree_map(lambda a: a[m], params["blocks"][k]) for k in MOE_LEAVES
+               if k in params["blocks"]}
+    out = {"outputs": _moe.expert_outputs_all(p_layer, take(c["blocks.moe.pre_norm"][layer]), cfg),
+           "experts": take(c["blocks.moe.top_k_experts"][m]), "gates": take(c["blocks.moe.top_k_weights"][m]),
+           "moe_out": take(c["blocks.moe.out"][layer])}
+    if full:
+        out["h_final"] = take(blocks.h)
+    return out
 
 
-def _moe_params(model, layer):
-    """The router and expert leaves of MoE ``layer`` (indexed along the MoE layers, as stored)."""
-    m = model.cfg.moe_layer_ids.index(layer)
-    blocks = model.params["blocks"]
-    return {k: jax.tree_util.tree_map(lambda a: a[m], blocks[k]) for k in MOE_LEAVES if k in blocks}
+_cf_jit = jax.jit(_cf_program, static_argnames=("cfg", "layer", "full"))
 
 
-def expert_outputs(model, tokens, layer: int, *, positions=None, interventions=None) -> dict:
-    """Counterfactual outputs of every expert at MoE ``layer``: one forward with the MoE input
-    (``blocks.moe.pre_norm``) captured, then every expert of that layer on it at ``positions`` (default all) with
-    the model's own :func:`grokviz.model.moe.expert_outputs_all` (what the hook ``blocks.moe.expert_outputs_all``
-    computes inside the model), so choosing positions saves the work of the others.
+def _bucketed(model, tokens, iv):
+    """(padded tokens, interventions with padded patches, length) as :meth:`grokviz.Model.run` buckets them, so
+    prompts of similar lengths share one compiled program."""
+    from ..api import bucket_length, pad_seq
 
-    Returns numpy arrays: ``outputs`` [batch, pos, expert, d_model] (before gating), ``experts``/``gates``
-    [batch, pos, k] (the run's selection), ``moe_out`` [batch, pos, d_model], ``positions``, plus ``run`` (the
-    :class:`grokviz.api.Run`). The selected experts' outputs combined with their gates give ``moe_out``. Example::
+    t = tokens.shape[1]
+    if not model.bucket:
+        return tokens, iv, None
+    width = bucket_length(t, model.cfg.sequence_len)
+    padded = np.pad(tokens, ((0, 0), (0, width - t)), constant_values=model.cfg.pad_token)
+    if iv.patches and width != t:
+        iv = dataclasses.replace(iv, patches={
+            k: (pad_seq(k, v, width), np.pad(np.asarray(m), [(0, 0)] * (np.ndim(m) - 1) + [(0, width - t)]))
+            for k, (v, m) in iv.patches.items()})
+    return padded, iv, jnp.int32(t)
 
-        cf = gv.analysis.expert_outputs(model, "The cat sat", layer=1)
-        cf["outputs"][0, -1, 5]          # what expert 5 would output at the last token
-    """
-    from ..interventions import Interventions
+
+def _counterfactual(model, tokens, layer, positions, interventions, full):
+    from ..interventions import Interventions, check_interventions
 
     cfg = model.cfg
     layer = _moe_layer(cfg, layer)
     tokens = model.to_tokens(tokens)
+    if interventions is not None:
+        check_interventions(interventions, cfg, tokens.shape)
     iv = Interventions.none(cfg) if interventions is None else interventions
-    run = model.run(tokens, capture=CF_CAPTURE, interventions=iv)
     t = tokens.shape[1]
-    pos = np.arange(t) if positions is None else np.asarray(
-        [p % t for p in _check_positions(positions, t)], np.int64)
-    pick = lambda a: np.asarray(a)[:, pos]  # noqa: E731
-    y_all = _layer_outputs(_moe_params(model, layer), jnp.asarray(pick(run.cache["blocks.moe.pre_norm", layer])), cfg)
-    return {"outputs": np.asarray(y_all), "experts": pick(run.cache["blocks.moe.top_k_experts", layer]),
-            "gates": pick(run.cache["blocks.moe.top_k_weights", layer]),
-            "moe_out": pick(run.cache["blocks.moe.out", layer]),
-            "positions": pos, "layer": layer, "run": run}
+    pos = None if positions is None else np.asarray([p % t for p in _check_positions(positions, t)], np.int32)
+    padded, iv, length = _bucketed(model, tokens, iv)
+    out = _cf_jit(model.params, jnp.asarray(padded), iv, length, None if pos is None else jnp.asarray(pos),
+                  cfg=cfg, layer=layer, full=full)
+    out = {k: np.asarray(v) if pos is not None else np.asarray(v)[:, :t] for k, v in out.items()}
+    out.update(positions=np.arange(t) if pos is None else pos.astype(np.int64), layer=layer)
+    return out
+
+
+def expert_outputs(model, tokens, layer: int, *, positions=None, interventions=None) -> dict:
+    """Counterfactual outputs of every expert at MoE ``layer`` (what the hook ``blocks.moe.expert_outputs_all``
+    computes inside the model, at that layer only): one jitted computation runs the model's own blocks up to
+    ``layer`` (the later layers and the readout are not needed) with its MoE input and routing captured, then
+    every expert of that layer at ``positions`` (default all) with the model's own
+    :func:`grokviz.model.moe.expert_outputs_all`, so choosing positions saves the work of the others.
+
+    Returns numpy arrays: ``outputs`` [batch, pos, expert, d_model] (before gating), ``experts``/``gates``
+    [batch, pos, k] (the run's selection), ``moe_out`` [batch, pos, d_model], plus ``positions`` and ``layer``.
+    The selected experts' outputs combined with their gates give ``moe_out``. Example::
+
+        cf = gv.analysis.expert_outputs(model, "The cat sat", layer=1)
+        cf["outputs"][0, -1, 5]          # what expert 5 would output at the last token
+    """
+    return _counterfactual(model, tokens, layer, positions, interventions, full=False)
 
 
 def _run(model, tokens):
@@ -133,6 +171,17 @@ def _moe_factor(params, cfg, moe_out, layer):
     return _write_factor(jnp.asarray(moe_out)[None], scale, cfg)[0]
 
 
+def _ids(model, ids, shape, name):
+    """A token id (or one-token text), or int ids of ``shape`` [batch, seq]; None stays None."""
+    if ids is None or isinstance(ids, str) or np.ndim(ids) == 0:
+        return None if ids is None else token_id(model, ids)
+    ids = np.asarray(ids)
+    if ids.shape != tuple(shape) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be a token id, one-token text or int ids of shape [batch, seq] = "
+                         f"{tuple(shape)}, got shape {ids.shape} and dtype {ids.dtype}")
+    return ids
+
+
 def counterfactual_dla(model, tokens, layer: int, target, *, foil=None, positions=None, interventions=None) -> dict:
     """Direct logit attribution of every expert's counterfactual output at MoE ``layer`` to ``logit[target]``
     (or ``logit[target] - logit[foil]``), through the frozen MoE write factor and final norm.
@@ -144,18 +193,17 @@ def counterfactual_dla(model, tokens, layer: int, target, *, foil=None, position
         d = gv.analysis.counterfactual_dla(model, "The cat sat on the", layer=2, target=" mat")
         d["ungated"][0, -1].argmax()      # the expert that would push " mat" most at the last token
     """
-    cf = expert_outputs(model, tokens, layer, interventions=interventions)
-    cfg, run = model.cfg, cf["run"]
-    tgt = token_id(model, target) if isinstance(target, str) or np.ndim(target) == 0 else np.asarray(target)
-    fl = None if foil is None else token_id(model, foil) if isinstance(foil, str) or np.ndim(foil) == 0 else foil
-    u = _readout(model.params, cfg, jnp.asarray(run.cache["blocks.resid_post", -1]), tgt, fl)
+    tokens = model.to_tokens(tokens)
+    tgt, fl = _ids(model, target, tokens.shape, "target"), _ids(model, foil, tokens.shape, "foil")
+    cf = _counterfactual(model, tokens, layer, positions, interventions, full=True)
+    pos, cfg = cf["positions"], model.cfg
+    tgt, fl = (a if a is None or np.ndim(a) == 0 else a[:, pos] for a in (tgt, fl))
+    u = _readout(model.params, cfg, jnp.asarray(cf["h_final"]), tgt, fl)
     direction = _moe_factor(model.params, cfg, cf["moe_out"], cf["layer"]) * u
     ungated = np.asarray(jnp.einsum("bted,btd->bte", jnp.asarray(cf["outputs"]), direction))
-    t = ungated.shape[1]
-    pos = np.arange(t) if positions is None else np.asarray([p % t for p in _check_positions(positions, t)])
     gated = np.take_along_axis(ungated, cf["experts"], axis=-1) * cf["gates"]
-    return {"ungated": ungated[:, pos], "gated": gated[:, pos], "experts": cf["experts"][:, pos],
-            "gates": cf["gates"][:, pos], "positions": pos, "layer": cf["layer"]}
+    return {"ungated": ungated, "gated": gated, "experts": cf["experts"], "gates": cf["gates"], "positions": pos,
+            "layer": cf["layer"]}
 
 
 def counterfactual_table(model, tokens, layer: int, *, target=None, row: int = 0, position: int = -1, k: int = 3,
