@@ -12,7 +12,6 @@ capture set, so each family compiles one program."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,6 @@ from grokviz.analysis import patching as P
 from grokviz.api import forward_jit
 from grokviz.interventions import ABLATIONS, Interventions, ablation_name, check_interventions
 
-DATA = Path(__file__).parent / "data" / "hf"
 CAP = ["blocks.moe.router_probs", "blocks.moe.router_logits", "blocks.moe.top_k_experts", "blocks.moe.top_k_weights"]
 TEXTS = ["The cat sat on the mat and then it went home.", "Once upon a time, 42 dogs ran"]
 
@@ -38,13 +36,8 @@ def _with_patches(iv, cfg, shape, experts=None, gates=None):
 
 
 @pytest.fixture(scope="module", params=["tiny", "mixtral", "granitemoe"])
-def fam(request):
-    if request.param == "tiny":
-        model = gv.load("tiny", progress=False)
-        tokens = np.asarray(model.to_tokens(TEXTS), np.int32)
-    else:
-        model = gv.load(DATA / request.param, progress=False)
-        tokens = np.load(DATA / request.param / "golden.npz")["tokens"].astype(np.int32)
+def fam(request, moe_family):
+    model, tokens = moe_family(request.param)
     cfg = model.cfg
     none = _with_patches(Interventions.none(cfg), cfg, tokens.shape)
     base = model.run(tokens, capture=CAP, interventions=none)
@@ -146,9 +139,8 @@ def test_names_and_checks():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = gv.load("tiny", progress=False)
-    return model, np.asarray(model.to_tokens(TEXTS), np.int32)
+def tiny(moe_family):
+    return moe_family("tiny")
 
 
 def test_sweep_modes_by_name(tiny):

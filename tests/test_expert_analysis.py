@@ -6,7 +6,6 @@ its gates, Granite takes a softmax over the selected logits and has a residual m
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -14,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import grokviz as gv
 from grokviz.analysis import experts as X
 from grokviz.analysis.attribution import dla_components, lens_logits
 from grokviz.analysis.dataset import batches
@@ -24,18 +22,12 @@ from grokviz.model.block import sublayer_write
 from grokviz.model.layers import gated_ffn
 from grokviz.params import dense
 
-DATA = Path(__file__).parent / "data" / "hf"
 TEXTS = ["The cat sat on the mat and then it went home.", "Once upon a time, 42 dogs ran"]
 
 
 @pytest.fixture(scope="module", params=["tiny", "mixtral", "granitemoe"])
-def fam(request):
-    if request.param == "tiny":
-        model = gv.load("tiny", progress=False)
-        tokens = np.asarray(model.to_tokens(TEXTS), np.int32)
-    else:
-        model = gv.load(DATA / request.param, progress=False)
-        tokens = np.load(DATA / request.param / "golden.npz")["tokens"].astype(np.int32)
+def fam(request, moe_family):
+    model, tokens = moe_family(request.param)
     run = model.run(tokens, capture=X.RUN_CAPTURE, interventions=Interventions.none(model.cfg))   # as X runs it
     return SimpleNamespace(name=request.param, model=model, cfg=model.cfg, tokens=tokens, run=run,
                            layer=model.cfg.moe_layer_ids[-1])
@@ -81,6 +73,32 @@ def test_hook_capture_leaves_the_run_unchanged_and_a_patch_flows_on(fam):
     assert not np.allclose(patched.logits, run.logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("fam", ["tiny"], indirect=True)
+def test_counterfactual_outputs_under_interventions_follow_the_run(fam):
+    """expert_outputs runs the model's own blocks itself: interventions (a top-level patch, a block patch, a
+    route-around and a head ablation) act as in Model.run, and bad input is refused."""
+    f, cfg = fam, fam.cfg
+    b, t = f.tokens.shape
+    iv = (Interventions.none(cfg).ablate_expert(0, 1, "route_around").ablate_head(1, 0)
+          .patch("embed.out", np.zeros((b, t, cfg.d_model), np.float32), positions=[1])
+          .patch("blocks.resid_mid", np.ones((cfg.num_layers, b, t, cfg.d_model), np.float32), layers=[1],
+                 positions=[2]))
+    cap = ["blocks.moe.pre_norm", "blocks.moe.top_k_experts", "blocks.moe.top_k_weights", "blocks.moe.out"]
+    run = f.model.run(f.tokens, capture=cap, interventions=iv)
+    cf = X.expert_outputs(f.model, f.tokens, 2, positions=[0, 2, -1], interventions=iv)
+    at = [0, 2, t - 1]
+    np.testing.assert_array_equal(cf["experts"], run.cache["blocks.moe.top_k_experts", 2][:, at])
+    np.testing.assert_allclose(cf["moe_out"], run.cache["blocks.moe.out", 2][:, at], rtol=1e-4, atol=1e-5)
+    sel = np.take_along_axis(cf["outputs"], cf["experts"][..., None], axis=2)
+    np.testing.assert_allclose(np.einsum("btk,btkd->btd", cf["gates"], sel), cf["moe_out"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        X.expert_outputs(f.model, f.tokens, 2, positions=[t])
+    with pytest.raises(ValueError, match="layer"):
+        X.expert_outputs(f.model, f.tokens, cfg.num_layers)
+    with pytest.raises(ValueError, match="target"):
+        X.counterfactual_dla(f.model, f.tokens, 2, np.zeros((b, t + 1), np.int32))
+
+
 def test_counterfactual_dla_matches_dla_components(fam):
     f, cfg = fam, fam.cfg
     target = (np.abs(f.tokens) % 50 + 3).astype(np.int32)                         # one target per position
@@ -114,8 +132,8 @@ def test_expert_lens_reads_out_the_writes(fam):
 
 
 @pytest.fixture(scope="module")
-def tiny_batch():
-    model = gv.load("tiny", progress=False)
+def tiny_batch(moe_family):
+    model, _ = moe_family("tiny")
     (toks,) = list(batches(model, TEXTS, batch_size=2, progress=False))
     return model, toks
 
