@@ -92,11 +92,11 @@ class Interventions:
     # --- editing helpers (layer/expert/head may be ints, slices or index arrays; each is checked) ---
     def remove_expert(self, layer, expert):
         """Top-k skips ``expert`` at ``layer`` (tokens take their next choice)."""
-        return self._set("expert_remove", (layer, expert), True, "remove_expert")
+        return self._remove(layer, expert, "remove_expert")
 
     def zero_expert(self, layer, expert, scale=0.0):
         """Multiply the expert's gated output by ``scale`` (finite; 0 = zero-ablation), routing unchanged."""
-        return self._set("expert_scale", (layer, expert), jnp.asarray(scale, jnp.float32), "zero_expert")
+        return self._scale(layer, expert, scale, "zero_expert")
 
     def swap_expert(self, layer, expert, to):
         """The *swap* ablation: slots that selected ``expert`` at ``layer`` run expert ``to`` instead, at the same
@@ -105,10 +105,20 @@ class Interventions:
 
             iv = gv.Interventions.none(model.cfg).swap_expert(layer=1, expert=3, to=5)
         """
+        return self._swap(layer, expert, to, "swap_expert")
+
+    # the edits behind the named methods; ``op`` is the method the user called, named in every error
+    def _remove(self, layer, expert, op):
+        return self._set("expert_remove", (layer, expert), True, op)
+
+    def _scale(self, layer, expert, scale, op):
+        return self._set("expert_scale", (layer, expert), jnp.asarray(scale, jnp.float32), op)
+
+    def _swap(self, layer, expert, to, op):
         to = np.asarray(to) if not _is_tracer(to) else to
         if not _is_tracer(to) and (to.dtype == bool or not np.issubdtype(to.dtype, np.integer)):
-            raise ValueError(f"swap_expert: the target expert must be an int id, got {to!r}")
-        return self._set("expert_swap", (layer, expert), jnp.asarray(to, jnp.int32), "swap_expert")
+            raise ValueError(f"{op}: the target expert must be an int id, got {to!r}")
+        return self._set("expert_swap", (layer, expert), jnp.asarray(to, jnp.int32), op)
 
     def ablate_expert(self, layer, expert, how="contribution", to=None):
         """Ablate ``expert`` at ``layer`` by one of the three named semantics (:data:`ABLATIONS`):
@@ -124,13 +134,14 @@ class Interventions:
             model.run("The cat", interventions=iv)
         """
         how = ablation_name(how)
+        op = f"ablate_expert(how={how!r})"
         if (to is not None) != (how == "swap"):
             raise ValueError("ablate_expert: give to= (the target expert) with how='swap', and only then")
         if how == "contribution":
-            return self.zero_expert(layer, expert)
+            return self._scale(layer, expert, 0.0, op)
         if how == "route_around":
-            return self.remove_expert(layer, expert)
-        return self.swap_expert(layer, expert, to)
+            return self._remove(layer, expert, op)
+        return self._swap(layer, expert, to, op)
 
     def ablate_head(self, layer, head, scale=0.0):
         """Multiply a query head's output by ``scale`` (finite; 0 = ablation)."""

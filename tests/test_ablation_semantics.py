@@ -128,6 +128,14 @@ def test_names_and_checks():
                       (lambda: none.ablate_expert(1, 2, how="mean"), "ablation mode must be one of")]:
         with pytest.raises(ValueError, match=msg):
             edit()
+    # errors name the method called, not the one behind it
+    for edit, msg in [(lambda: none.ablate_expert(1, 9), r"^ablate_expert\(how='contribution'\): expert 9"),
+                      (lambda: none.ablate_expert(3, 0, "remove"), r"^ablate_expert\(how='route_around'\): layer 3"),
+                      (lambda: none.ablate_expert(1, 2, "swap", to=8), r"^ablate_expert\(how='swap'\): swap target"),
+                      (lambda: none.zero_expert(1, 9), r"^zero_expert: expert 9"),
+                      (lambda: none.remove_expert(1, 9), r"^remove_expert: expert 9")]:
+        with pytest.raises(ValueError, match=msg):
+            edit()
     with pytest.raises(ValueError, match="expert_swap edits layer 0, a dense MLP layer"):
         check_interventions(none.swap_expert(0, 1, 2), cfg, (1, 4))
     bad = Interventions(**{**none.split()[0], "expert_swap": np.full((2, 8), 9, np.int32)})
@@ -172,6 +180,8 @@ def test_ablation_lab_swap_mode(tiny):
     np.testing.assert_allclose(lab.current["logits"], want.logits, atol=1e-6)
     assert "swap to E6" in lab.summary.value and lab.runs == 2
     lab.set_mode("contribution")
-    assert lab.state.mode == "zero" and lab.swap_select.disabled
+    assert lab.state.mode == lab.mode_select.value == "contribution" and lab.swap_select.disabled
+    lab.set_mode("remove")                                          # the old names are accepted
+    assert lab.state.mode == "route_around"
     with pytest.raises(ValueError, match="to= .* with mode 'swap' only"):
         lab.set_mode("route_around", to=1)

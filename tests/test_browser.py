@@ -286,7 +286,7 @@ def test_ablation_notebook_renders_and_checkbox_updates_plot(page):
     shoot(page, lab, SHOTS / "03_ablation_lab.png")
     before = page.evaluate(SIGNATURE, ".gv-ablation-lab")
     summary = lab.locator(".gv-ablation-summary")
-    assert summary.inner_text().startswith("ablated (remove): nothing")
+    assert summary.inner_text().startswith("ablated (route_around): nothing")
     box = lab.locator(".gv-ablation-checkbox input[type=checkbox]").first
     box.click()
     _wait(page, "() => document.querySelector('.gv-ablation-lab .gv-ablation-summary')?.innerText.includes('L0 E0')",

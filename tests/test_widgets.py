@@ -131,7 +131,7 @@ def test_ablation_lab_checkbox_reruns_without_recompiling(model, tokens):
     assert f"L1 E{e}" in w.summary.value and w.current["loss"] != base_loss
     # zero mode: same routing, different output
     removed = dict(zip(w.dist_fig.data[1].x, w.dist_fig.data[1].y))
-    w.mode_select.value = "zero"
+    w.mode_select.value = "contribution"
     assert np.array_equal(w.current["first"][:2], w.base["first"][:2])   # routing up to the layer is kept
     n_changed = int((w.current["first"][:, 0] != w.base["first"][:, 0]).sum())   # later layers may move
     assert w.route_fig.layout.title.text.startswith(f"Routing changed at {n_changed} of {3 * SEQ} ")
@@ -147,7 +147,7 @@ def test_ablation_lab_checkbox_reruns_without_recompiling(model, tokens):
     assert w.state.removed == set() and not w.expert_boxes[e].value and w.expert_picker.text.value == ""
     assert np.isclose(w.current["loss"], base_loss)
     assert forward_jit._cache_size() == compiled                          # values only: no recompile
-    assert repr(w) == "AblationLab(removed=set(), heads=set(), mode='zero', layer=1)"
+    assert repr(w) == "AblationLab(removed=set(), heads=set(), mode='contribution', layer=1)"
 
 
 def test_routing_flow_range(run):

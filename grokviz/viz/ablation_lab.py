@@ -1,9 +1,9 @@
 """AblationLab: take experts or heads out and watch the prediction, the loss and the routing change.
 
-The expert mode control offers the three named ablations (grokviz.interventions.ABLATIONS): *route around*
-(stored as ``"remove"``: the router skips the expert, the next-best takes its slot), *contribution* (``"zero"``:
-its output x 0, routing unchanged) and *swap* (``"swap"``: its slots run another expert at the same gates; the
-``to`` menu picks the target, by default the next expert ``e + 1 mod E``)."""
+The expert mode control offers the three named ablations (grokviz.interventions.ABLATIONS), stored by those
+names: ``"route_around"`` (the router skips the expert, the next-best takes its slot), ``"contribution"`` (its
+output x 0, routing unchanged) and ``"swap"`` (its slots run another expert at the same gates; the ``to`` menu
+picks the target, by default the next expert ``e + 1 mod E``)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ CHECKBOX_MAX = 16      # up to this many experts, the selected layer also gets o
 class AblationState:
     removed: set = dataclasses.field(default_factory=set)   # {(layer, expert)}, layer = a MoE layer's number
     heads: set = dataclasses.field(default_factory=set)     # {(layer, head)}
-    mode: str = "remove"            # "remove": route around; "zero": contribution x 0; "swap": run another expert
+    mode: str = "route_around"      # one of interventions.ABLATIONS: route_around, contribution (x 0) or swap
     layer: int = 0                                          # the layer the controls edit
     # the swap target (-1: the next expert, e + 1 mod E); a plain attribute, not a field, so the view's repr
     # keeps its form (the summary line names the target)
@@ -53,9 +53,10 @@ class AblationState:
             ls, es = (np.asarray(v) for v in zip(*sorted(self.removed)))
             if self.mode == "swap":
                 E = base.expert_swap.shape[-1]
-                iv = iv.swap_expert(ls, es, (es + 1) % E if self.swap_to < 0 else np.full_like(es, self.swap_to))
+                to = (es + 1) % E if self.swap_to < 0 else np.full_like(es, self.swap_to)
+                iv = iv.ablate_expert(ls, es, how="swap", to=to)
             else:
-                iv = iv.remove_expert(ls, es) if self.mode == "remove" else iv.zero_expert(ls, es)
+                iv = iv.ablate_expert(ls, es, how=self.mode)
         if self.heads:
             ls, hs = (np.asarray(v) for v in zip(*sorted(self.heads)))
             iv = iv.ablate_head(ls, hs)
@@ -173,8 +174,9 @@ class AblationLab(View):
                                                               tooltip=f"ablate head {h} of the layer",
                                                               layout=W.Layout(width="48px")))
         self.expert_boxes, self.head_boxes = self.expert_picker.boxes, self.head_picker.boxes   # edited layer's
-        self.mode_select = W.ToggleButtons(options=[("route around", "remove"), ("contribution (x 0)", "zero"),
-                                                    ("swap", "swap")], value="remove", description="experts",
+        self.mode_select = W.ToggleButtons(options=[("route around", "route_around"),
+                                                    ("contribution (x 0)", "contribution"), ("swap", "swap")],
+                                           value="route_around", description="experts",
                                            tooltips=["dropped from the top-k; the next-best expert takes its slot",
                                                      "its gated output x 0; routing unchanged",
                                                      "its slots run the 'to' expert at the same gates"])
@@ -302,7 +304,7 @@ class AblationLab(View):
                 raise ValueError("to= (the swap target) goes with mode 'swap' only")
             self.swap_select.value = check_index("to", to, self.cfg.num_experts,
                                                  f"the model has {self.cfg.num_experts} experts")
-        self.mode_select.value = {"route_around": "remove", "contribution": "zero", "swap": "swap"}[name]
+        self.mode_select.value = name
 
     def reset(self) -> None:
         """Clear every ablation: one model run at most (none when nothing was ablated)."""
@@ -337,7 +339,7 @@ class AblationLab(View):
                          + [f"L{l} h{format_ids(self.state.at('heads', l))}"
                             for l in sorted({l for l, _ in self.state.heads})]) or "nothing"
         changed = float((self._first(b) != self._first(c)).mean())
-        # the stored mode names (remove = route around, zero = contribution) as the browser test reads them
+        # the stored mode names (interventions.ABLATIONS), as the browser test reads them
         mode = self.state.mode if self.state.mode != "swap" else "swap to " + (
             "next" if self.state.swap_to < 0 else f"E{self.state.swap_to}")
         return (f"<b>ablated ({mode}):</b> {what} &nbsp; <b>loss</b> {b['loss']:.4f} \u2192 "
