@@ -25,7 +25,35 @@ from grokviz.study import store
 
 SPEC = Path(__file__).parent / "data" / "study" / "tiny_validation.toml"
 HF = Path(__file__).parent / "data" / "hf" / "mixtral"
+RELEASE = Path(__file__).parent / "data" / "grok1_golden_ckpt"
 GRACE = 2.0
+
+
+def mxfp4_folder(src: Path, dst: Path) -> Path:
+    """``src`` (a gpt-oss folder) with its expert matrices replaced by random MXFP4 blocks and scales."""
+    import shutil
+
+    from grokviz.checkpoint.safetensors_io import _ShardWriter, memmap_tensor, read_safetensors_header
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "golden.npz":
+            shutil.copyfile(f, dst / f.name)
+    entries, start = read_safetensors_header(src / "model.safetensors")
+    rng = np.random.default_rng(0)
+    w = _ShardWriter(dst / "model.safetensors", 64 << 10)
+    for k, e in entries.items():
+        if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            n_e, n_in, n_out = e["shape"]
+            w.add(k + "_blocks", rng.integers(0, 256, (n_e, n_out, n_in // 32, 16)).astype(np.uint8))
+            w.add(k + "_scales", rng.integers(120, 130, (n_e, n_out, n_in // 32)).astype(np.uint8))
+        else:
+            w.add(k, np.array(memmap_tensor(src / "model.safetensors", e, start)))
+    w.close()
+    d = json.loads((src / "config.json").read_text())
+    d["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (dst / "config.json").write_text(json.dumps(d))
+    return dst
 
 
 def _launch(args, cwd, env=None, timeout=240, grace=GRACE):
@@ -56,14 +84,15 @@ import numpy as np
 from grokviz import distributed as dist
 info = dist.initialize()
 from grokviz import study
-from grokviz.distributed.sharded import load_converted, load_hf
-ckpt, hf, tokens, out, spec = sys.argv[1:]
+from grokviz.distributed.sharded import load_converted, load_hf, load_release
+ckpt, hf, tokens, out, spec, release, cfg, mx = sys.argv[1:]
 mesh = dist.global_mesh((2, 4))  # data axis across the 2 processes
 
 
-def report(name, stats):
-    print("READ " + json.dumps([name, info.process_id, info.num_processes, info.global_devices, stats.bytes_read,
-                                stats.tensor_bytes]), flush=True)
+def report(name, stats):  # bytes read (release: + parsing the pickles) of the checkpoint's bytes
+    total = stats.file_bytes or stats.tensor_bytes
+    print("READ " + json.dumps([name, info.process_id, info.num_processes, info.global_devices,
+                                stats.bytes_read + stats.header_bytes, total]), flush=True)
 
 
 model, stats = load_converted(ckpt, mesh)
@@ -71,44 +100,59 @@ logits = model.run(np.load(tokens)).logits
 if info.process_id == 0:
     np.save(out, logits)
 report("golden", stats)
+model, stats = load_release(release, mesh, config=cfg)  # the release pickles, int8 kept
+logits = model.run(np.load(tokens)).logits  # every process runs the forward (SPMD)
+if info.process_id == 0:
+    np.save(out + ".release.npy", logits)
+report("release", stats)
 import jax
 import grokviz as gv
-for fam in sorted(p.name for p in Path(hf).parent.iterdir() if p.is_dir()):  # every family's name-table ops
-    model, stats = load_hf(Path(hf).parent / fam, mesh)
-    ref = gv.load(Path(hf).parent / fam, progress=False).params
+for fam in [*sorted(p.name for p in Path(hf).parent.iterdir() if p.is_dir()), mx]:  # every name-table op, MXFP4
+    path = Path(hf).parent / fam
+    model, stats = load_hf(path, mesh)
+    ref = gv.load(path, progress=False).params
     same = all(np.array_equal(np.asarray(sh.data), np.asarray(b)[sh.index]) and a.dtype == b.dtype
                for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(ref))
                for sh in a.addressable_shards)
-    print(f"HF {fam} {info.process_id} {same}", flush=True)
-    if fam == "mixtral":
-        report("hf", stats)
+    print(f"HF {path.name} {info.process_id} {same}", flush=True)
+    if fam in ("mixtral", "gpt_oss", mx):
+        report(path.name, stats)
 study.run(spec, progress=False)
 """
 
 
 def test_two_processes_golden_forward_and_study_equal_one_process(tmp_path, one_process, golden, golden_model):
-    """One job of 2 processes x 4 devices: the golden model (converted safetensors) read shard by shard over a
-    (data 2, model 4) mesh (each process reads about half the bytes) gives the single-process logits; every Hugging
-    Face family's folder read shard by shard gives on each device exactly gv.load's block (Mixtral: about half the
-    bytes per process); then the study's results equal the single-process run bit for bit."""
+    """One job of 2 processes x 4 devices: the golden model, as converted safetensors and as release pickles, read
+    shard by shard over a (data 2, model 4) mesh (each process reads about half the bytes) gives the single-process
+    logits; every Hugging Face family's folder, and gpt-oss with MXFP4 experts, read shard by shard gives on each
+    device exactly gv.load's block (about half the bytes per process); then the study's results equal the
+    single-process run bit for bit."""
+    from grokviz.checkpoint.config_io import config_to_json
     from grokviz.checkpoint.converted import save
 
     cfg, params, z = golden
     ckpt = save(params, tmp_path / "golden", cfg)
+    (tmp_path / "cfg.json").write_text(json.dumps(config_to_json(cfg)))
+    mx = mxfp4_folder(HF.parent / "gpt_oss", tmp_path / "gpt_oss_mxfp4")
     np.save(tmp_path / "tokens.npy", z["tokens"])
     (tmp_path / "job.py").write_text(JOB)
     spec = _spec_copy(tmp_path)
     p, _ = _launch(["--", "python", str(tmp_path / "job.py"), str(ckpt), str(HF), str(tmp_path / "tokens.npy"),
-                    str(tmp_path / "logits.npy"), str(spec)], tmp_path)
+                    str(tmp_path / "logits.npy"), str(spec), str(RELEASE), str(tmp_path / "cfg.json"), str(mx)],
+                   tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     reads = sorted(json.loads(line.split("READ ", 1)[1]) for line in p.stdout.splitlines() if "READ " in line)
-    assert [r[:4] for r in reads] == [["golden", 0, 2, 8], ["golden", 1, 2, 8], ["hf", 0, 2, 8], ["hf", 1, 2, 8]]
-    for r in reads:  # half of every leaf split over "data", plus the replicated norms
-        assert 0.45 * r[5] < r[4] < 0.56 * r[5], reads
+    names = ["golden", "gpt_oss", "gpt_oss_mxfp4", "mixtral", "release"]
+    assert [r[:4] for r in reads] == [[n, i, 2, 8] for n in names for i in (0, 1)], reads
+    for r in reads:  # half of every leaf split over "data", plus the replicated norms (+ the pickles' opcodes)
+        hi = 0.62 if r[0] == "gpt_oss_mxfp4" else 0.56  # 4 devices x 16 rows share 32-value MXFP4 groups
+        assert 0.45 * r[5] < r[4] < hi * r[5], reads
+    print("per-process reads:", [(r[0], r[1], round(r[4] / r[5], 3)) for r in reads])
     single = np.asarray(golden_model.run(z["tokens"]).logits)
     assert np.abs(np.load(tmp_path / "logits.npy") - single).max() < 1e-6
-    fams = sorted(p.name for p in HF.parent.iterdir() if p.is_dir())
-    assert len(fams) == 6 and all(f"HF {f} {i} True" in p.stdout for f in fams for i in (0, 1)), p.stdout[-3000:]
+    assert np.abs(np.load(tmp_path / "logits.npy.release.npy") - single).max() < 1e-6
+    fams = [*sorted(p.name for p in HF.parent.iterdir() if p.is_dir()), mx.name]
+    assert len(fams) == 7 and all(f"HF {f} {i} True" in p.stdout for f in fams for i in (0, 1)), p.stdout[-3000:]
 
     two = study.load(study.load_spec(spec).output)
     assert two.routing.n_tokens == one_process.routing.n_tokens > 1000

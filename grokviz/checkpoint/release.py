@@ -30,8 +30,8 @@ import numpy as np
 from ..config import GrokConfig
 from ..params import Int8Weight, shapes_dict
 from .names import reference_paths
+from .safe_pickle import ArrayLayout, QuantizedRecord, check_layout, unpickle
 from .safe_pickle import CheckpointError as CheckpointError
-from .safe_pickle import QuantizedRecord, check_layout, unpickle
 from .safe_pickle import RestrictedUnpickler as RestrictedUnpickler  # re-exported: the allow-listed unpickler
 from .safe_pickle import UnsafePickleError as UnsafePickleError
 
@@ -46,7 +46,11 @@ _ALLOWED_DTYPES = frozenset(np.dtype(c) for c in ("int8", "uint8", "int16", "int
                                                   "float32", "float64", "bool")) | {np.dtype(ml_dtypes.bfloat16)}
 
 
-def _check_array(a, what: str, file: str) -> np.ndarray:
+def _check_array(a, what: str, file: str):
+    if type(a) is ArrayLayout:  # from the layout reader: C-ordered and canonical by construction
+        if a.dtype not in _ALLOWED_DTYPES:
+            raise CheckpointError(f"{file}: {what} has dtype {a.dtype}, which the checkpoint format does not use")
+        return a
     if type(a) is not np.ndarray:
         raise CheckpointError(f"{file}: {what} is a {type(a).__name__}, expected a numpy array")
     if a.dtype not in _ALLOWED_DTYPES:
@@ -54,16 +58,12 @@ def _check_array(a, what: str, file: str) -> np.ndarray:
     return check_layout(a, what, file)
 
 
-def read_tensor(path: str | os.PathLike, param: str | None = None):
-    """Unpickle one release file safely -> ``np.ndarray`` or ``Int8Weight`` of numpy arrays.
-
-    Errors (:class:`CheckpointError`) name the file and, when given, the parameter it should hold.
-    """
-    path = Path(path)
+def _unpickled(path: Path, param, load, buffering: int = 1 << 20):
+    """``load(open file, label)`` with read_tensor's translation of every failure into a CheckpointError."""
     label = f"{path}" + (f" ({param})" if param else "")
     try:
-        with open(path, "rb", buffering=1 << 20) as f:
-            obj = unpickle(f, label)
+        with open(path, "rb", buffering=buffering) as f:
+            return load(f, label), label
     except UnsafePickleError as e:
         if label not in str(e):
             raise UnsafePickleError(f"{label}: {e}") from None
@@ -74,6 +74,20 @@ def read_tensor(path: str | os.PathLike, param: str | None = None):
         raise CheckpointError(f"{label}: file is missing") from None
     except Exception as e:  # EOFError, UnpicklingError, ValueError, struct errors, ...
         raise CheckpointError(f"{label}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+def read_tensor(path: str | os.PathLike, param: str | None = None):
+    """Unpickle one release file safely -> ``np.ndarray`` or ``Int8Weight`` of numpy arrays.
+
+    Errors (:class:`CheckpointError`) name the file and, when given, the parameter it should hold.
+    """
+    obj, label = _unpickled(Path(path), param, unpickle)
+    return checked_value(obj, label)
+
+
+def checked_value(obj, label: str):
+    """The checks of :func:`read_tensor` on an unpickled object (arrays, or the layout reader's
+    :class:`~.safe_pickle.ArrayLayout`): array types and layouts, dtypes, and scales that fit their weight."""
     if isinstance(obj, QuantizedRecord):
         if not hasattr(obj, "weight") or not hasattr(obj, "scales"):
             raise CheckpointError(f"{label}: QuantizedWeight8bit without weight/scales")
@@ -83,10 +97,11 @@ def read_tensor(path: str | os.PathLike, param: str | None = None):
             raise CheckpointError(f"{label}: quantised weight has dtype {w.dtype}, expected int8")
         if not np.issubdtype(s.dtype, np.floating) and s.dtype != ml_dtypes.bfloat16:
             raise CheckpointError(f"{label}: quantisation scales have dtype {s.dtype}, expected a float type")
-        ok = (w.ndim >= 2 and s.ndim == w.ndim and s.shape[:-2] == w.shape[:-2] and s.shape[-1] == w.shape[-1]
-              and s.shape[-2] > 0 and w.shape[-2] % s.shape[-2] == 0)
+        ws, ss = w.shape, s.shape
+        ok = (len(ws) >= 2 and len(ss) == len(ws) and ss[:-2] == ws[:-2] and ss[-1] == ws[-1]
+              and ss[-2] > 0 and ws[-2] % ss[-2] == 0)
         if not ok:
-            raise CheckpointError(f"{label}: scales of shape {s.shape} do not fit int8 weight of shape {w.shape}")
+            raise CheckpointError(f"{label}: scales of shape {ss} do not fit int8 weight of shape {ws}")
         return Int8Weight(weight=w, scales=s)
     arr = _check_array(obj, "the pickled object", label)
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
@@ -224,7 +239,8 @@ def iter_release(path, cfg: GrokConfig, *, host: int = 0, progress: bool = True
 
 
 def infer_release_shapes(path, *, host: int = 0) -> dict:
-    """Sizes recoverable from a release directory (reads the embedding and layer-0 files only).
+    """Sizes recoverable from a release directory (parses the embedding and layer-0 files only, without reading
+    their payloads).
 
     The release does not record how the query width splits into heads; ``head_dim`` is not returned.
     """
@@ -237,9 +253,11 @@ def infer_release_shapes(path, *, host: int = 0) -> dict:
     by_path = {ref: i for i, (ref, _, _) in enumerate(table)}
     pre = "transformer/decoder_layer_0/"
 
-    def shape(ref, ndim):
+    def shape(ref, ndim):  # from the pickle's opcodes only: the payloads are not read
+        from .release_shards import read_layout
+
         file = files[by_path[ref]]
-        got = tuple(read_tensor(file, ref).shape)
+        got = read_layout(file, ref).shape
         if len(got) != ndim:
             raise CheckpointError(f"{file} ({ref}): shape {got}, expected {ndim} dimensions")
         return got

@@ -23,6 +23,10 @@ pickle is a small program; this module lets it do only what such a program needs
    ``prod(shape) * itemsize`` bytes; only then is a new array made from a copy of those bytes. The caller gets
    the finished arrays back and checks their layout once more (:func:`check_layout`).
 
+The shard-by-shard reader (:mod:`.release_shards`) runs the same three layers without reading the payloads: its
+pre-scan seeks over them, and its unpickler hands the array sketch a :class:`Payload` (offset and length) instead of
+the bytes, from which the sketch makes an :class:`ArrayLayout` after the same checks.
+
 The unpickler reads the file again after the pre-scan. A file that changes in between escapes only layer 1; the
 other two layers do not depend on it.
 """
@@ -76,19 +80,38 @@ class _Span:
         return self.n
 
 
-class _SkimReader:
-    """The file interface genops needs; reads longer than 64 KiB are skipped over (seek), not read."""
+_PAYLOAD_OPS = (pickle.BINBYTES, pickle.BINBYTES8)
 
-    def __init__(self, f, size: int):
-        self.f, self.size = f, size
+
+class _SkimReader:
+    """The file interface genops needs; reads longer than 64 KiB are skipped over (seek), not read. With
+    ``payloads=True`` the payload of every ``BINBYTES``/``BINBYTES8`` is skipped whatever its length: genops asks
+    for the position, reads the opcode byte, then the argument (the length, then the payload)."""
+
+    def __init__(self, f, size: int, payloads: bool = False):
+        self.f, self.size, self.payloads, self.state = f, size, payloads, ""
 
     def tell(self) -> int:
+        self.state = "op"  # genops calls tell() right before each opcode byte
         return self.f.tell()
 
     def read(self, n: int):
+        if self.payloads:
+            state, self.state = self.state, ""
+            if state == "op":
+                got = self.f.read(n)
+                self.state = "len" if got in _PAYLOAD_OPS else ""
+                return got
+            if state == "len":
+                self.state = "payload"
+            elif state == "payload":
+                return self._skip(n)
         if n <= _SMALL_READ:
             return self.f.read(max(n, 0))
-        n = min(n, self.size - self.f.tell())
+        return self._skip(n)
+
+    def _skip(self, n: int):
+        n = max(min(n, self.size - self.f.tell()), 0)
         self.f.seek(n, 1)
         return _Span(n)
 
@@ -96,12 +119,12 @@ class _SkimReader:
         return self.f.readline(4096)
 
 
-def scan_pickle(f, label: str) -> None:
+def scan_pickle(f, label: str, *, skip_payloads: bool = False) -> None:
     """Layer 1: walk the opcodes of the seekable binary file ``f``; raise naming ``label`` unless it may be
-    unpickled."""
+    unpickled. ``skip_payloads``: seek over every bytes payload but the short ones (the layout reader)."""
     size = f.seek(0, os.SEEK_END)
     f.seek(0)
-    _scan(_SkimReader(f, size), label)
+    _scan(_SkimReader(f, size, skip_payloads), label)
 
 
 def _scan(reader: _SkimReader, label: str) -> None:
@@ -119,6 +142,9 @@ def _scan(reader: _SkimReader, label: str) -> None:
                 raise UnsafePickleError(f"{label}: refused opcode {name} at byte {pos}: it is not used by the "
                                         f"Grok-1 checkpoint format (numpy arrays and QuantizedWeight8bit only); "
                                         f"nothing from this file was executed")
+            if name == "FRAME" and arg > reader.size - (pos + 9):
+                raise CheckpointError(f"{label}: truncated or corrupt pickle (a frame of {arg:,} bytes at byte {pos} "
+                                      f"runs past the end of the file)")
             if name == "PROTO" and not 3 <= arg <= 4:
                 raise UnsafePickleError(f"{label}: pickle protocol {arg} is not the checkpoint format's "
                                         f"(protocol 4, or 3); nothing from this file was executed")
@@ -265,14 +291,49 @@ class _ArraySketch(_Inert):
         if fortran is not False:
             raise UnsafePickleError(f"array is stored in Fortran order ({_short.repr(fortran)}); the release "
                                     f"writes C order")
-        if type(raw) is not bytes:
+        if type(raw) is not bytes and type(raw) is not Payload:
             raise UnsafePickleError(f"array data is a {type(raw).__name__}, expected bytes")
         count = math.prod(shape)
         if len(raw) != count * dt.dtype.itemsize:
             raise UnsafePickleError(f"array data has {len(raw):,} bytes but shape {shape} of {dt.dtype} needs "
                                     f"{count * dt.dtype.itemsize:,}")
+        if type(raw) is Payload:  # the layout reader's stand-in for bytes it did not read
+            self.array = ArrayLayout(shape, dt.dtype, raw.offset)
+            return
         flat = np.frombuffer(raw, dtype=dt.dtype, count=count) if count else np.empty(0, dt.dtype)
         self.array = flat.reshape(shape).copy(order="C")
+
+
+class Payload:
+    """Where the layout reader (:mod:`.release_shards`) found an array's payload: ``n`` bytes at file ``offset``,
+    which it skipped instead of reading. Only that reader makes these; no global resolves to this class."""
+
+    __slots__ = ("offset", "n")
+
+    def __init__(self, offset: int, n: int):
+        self.offset, self.n = offset, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self):
+        return f"<{self.n:,} payload bytes at byte {self.offset:,}>"
+
+
+class ArrayLayout:
+    """A checked array whose bytes were not read: C-ordered ``shape`` of ``dtype`` at file ``offset``."""
+
+    __slots__ = ("shape", "dtype", "offset")
+
+    def __init__(self, shape: tuple, dtype: np.dtype, offset: int):
+        self.shape, self.dtype, self.offset = tuple(shape), dtype, offset
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __repr__(self):
+        return f"ArrayLayout({self.shape}, {self.dtype}, offset={self.offset})"
 
 
 class _Sealed(type):

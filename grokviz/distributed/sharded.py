@@ -16,13 +16,12 @@ shapes are checked against the config.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ReadStats", "load_converted", "load_hf"]
+__all__ = ["ReadStats", "load", "load_converted", "load_hf", "load_release", "from_blocks"]
 
 
 @dataclasses.dataclass
@@ -30,14 +29,21 @@ class ReadStats:
     bytes_read: int = 0        # bytes this process read from tensor data
     tensor_bytes: int = 0      # bytes of all tensor data in the checkpoint
     reads: int = 0             # pread calls
+    header_bytes: int = 0      # release format: bytes read parsing the pickles (opcodes, payloads < 256 bytes)
+    file_bytes: int = 0        # release format: bytes of all its tensor files
 
     @property
     def fraction(self) -> float:
+        """Share of the checkpoint this process read: tensor data (release format: all bytes read, of the files)."""
+        if self.file_bytes:
+            return (self.bytes_read + self.header_bytes) / self.file_bytes
         return self.bytes_read / max(self.tensor_bytes, 1)
 
     def __str__(self):
-        return (f"read {self.bytes_read:,} of {self.tensor_bytes:,} tensor bytes ({100 * self.fraction:.1f} %) "
-                f"in {self.reads:,} reads")
+        head = (f" + {self.header_bytes:,} parsing the pickles ({100 * self.fraction:.1f} % of the files' "
+                f"{self.file_bytes:,} bytes)" if self.file_bytes else "")
+        return (f"read {self.bytes_read:,} of {self.tensor_bytes:,} tensor bytes "
+                f"({100 * self.bytes_read / max(self.tensor_bytes, 1):.1f} %) in {self.reads:,} reads{head}")
 
 
 class _Reader:
@@ -66,32 +72,61 @@ class _Reader:
 
     def block(self, key: str, index: tuple) -> np.ndarray:
         """The sub-array ``tensor[index]`` (a tuple of slices), reading only its bytes."""
+        from ..checkpoint.release_shards import read_block
+
         s, e, start = self.entry(key)
-        shape, dt = e["shape"], e["np_dtype"]
-        sl = [range(*ix.indices(d)) for ix, d in zip(index, shape)]
-        if any(r.step != 1 for r in sl):
-            raise ValueError(f"strided shard index {index} for {key}")
-        lo = [r.start for r in sl]
-        ext = [len(r) for r in sl]
-        out = np.empty(ext, dt)
-        if 0 in ext:
-            return out
-        k = len(shape) - 1  # the last axis whose slice is partial: runs are contiguous from there on
-        while k > 0 and ext[k] == shape[k]:
-            k -= 1
-        run = ext[k] * math.prod(shape[k + 1:]) * dt.itemsize
-        strides = [math.prod(shape[i + 1:]) * dt.itemsize for i in range(len(shape))]
-        flat = out.reshape(-1).view(np.uint8)
-        base = start + e["data_offsets"][0]
-        for n, idx in enumerate(np.ndindex(*ext[:k])):
-            off = base + sum((lo[i] + idx[i]) * strides[i] for i in range(k)) + lo[k] * strides[k]
-            got = os.pread(self.fds[s], run, off)
-            if len(got) != run:
-                raise ValueError(f"{self.path / s}: short read of tensor {key} (truncated file?)")
-            flat[n * run:(n + 1) * run] = np.frombuffer(got, np.uint8)
-            self.stats.bytes_read += run
-            self.stats.reads += 1
-        return out
+        try:
+            return read_block(self.fds[s], start + e["data_offsets"][0], e["shape"], e["np_dtype"], index,
+                              self.stats, f"{self.path / s}: tensor {key}")
+        except ValueError as err:
+            if "short read" in str(err):
+                raise ValueError(f"{self.path / s}: short read of tensor {key} (truncated file?)") from None
+            raise
+
+
+def from_blocks(full: tuple, sharding, read):
+    """``jax.make_array_from_callback`` with ``read(index) -> np.ndarray`` called once per distinct block (local
+    devices holding the same replica share one read)."""
+    import jax
+
+    cache: dict = {}
+
+    def cb(index):
+        sig = tuple(ix.indices(d)[:2] for ix, d in zip(index, full))
+        if sig not in cache:
+            cache[sig] = read(index)
+        return cache[sig]
+
+    return jax.make_array_from_callback(tuple(full), sharding, cb)
+
+
+def load(path, mesh, **kw):
+    """(Model, ReadStats) of any checkpoint :func:`grokviz.load` opens (release, converted, Hugging Face), placed on
+    ``mesh`` reading only this process's shards; ``kw`` go to :func:`load_release` / :func:`load_converted` /
+    :func:`load_hf`. ``"tiny"``: the bundled model (a converted checkpoint)."""
+    from ..checkpoint import converted as cv
+    from ..checkpoint import hf
+    from ..checkpoint import release as rl
+
+    if isinstance(path, str) and path == "tiny":
+        from ..tiny import TINY_DIR
+
+        path = TINY_DIR
+    path = Path(path)
+    if hf.is_hf(path):
+        return load_hf(path, mesh, **kw)
+    if cv.is_converted(path):
+        return load_converted(path, mesh, **kw)
+    if rl.is_release(path):
+        return load_release(path, mesh, **kw)
+    raise ValueError(f"{path}: neither a converted grokviz checkpoint, a Hugging Face folder nor a release checkpoint")
+
+
+def load_release(path, mesh, **kw):
+    """(Model, ReadStats): the release checkpoint read shard by shard (:mod:`grokviz.distributed.sharded_release`)."""
+    from .sharded_release import load_release as impl
+
+    return impl(path, mesh, **kw)
 
 
 def _stored_kind(reader: _Reader, name: str, layer):
@@ -184,90 +219,9 @@ def load_converted(path, mesh, *, dtype=np.float32, tokenizer=None):
     return Model(cfg, params, tokenizer or None), reader.stats
 
 
-# --- Hugging Face folders ----------------------------------------------------------------------------------
-
-def _hf_block(reader: _Reader, name: str, op: str, idx: tuple, stored: tuple) -> np.ndarray:
-    """``OPS[op][0](tensor)[idx]`` reading only the source bytes it needs (grokviz.checkpoint.hf_names.OPS)."""
-    if op == "copy":
-        return reader.block(name, idx)
-    if op == "row":
-        return reader.block(name, (slice(0, 1), *idx))[0]
-    if op == "T":
-        return np.swapaxes(reader.block(name, (*idx[:-2], idx[-1], idx[-2])), -1, -2)
-    if op in ("half0T", "half1T"):
-        off = 0 if op == "half0T" else stored[-2] // 2
-        r = range(*idx[-1].indices(stored[-2] // 2))
-        return np.swapaxes(reader.block(name, (*idx[:-2], slice(r.start + off, r.stop + off), idx[-2])), -1, -2)
-    if op in ("even", "odd"):
-        r = range(*idx[-1].indices(stored[-1] // 2))
-        got = reader.block(name, (*idx[:-1], slice(2 * r.start, 2 * r.stop)))
-        return got[..., 0::2] if op == "even" else got[..., 1::2]
-    raise ValueError(f"unknown tensor op {op!r}")
-
-
 def load_hf(path, mesh, *, dtype=None):
-    """(Model, ReadStats): a Hugging Face folder (:mod:`grokviz.checkpoint.hf`) placed on ``mesh``, each process
-    reading only the source bytes of its devices' blocks through the family's name table (transposes, fused
-    splits, per-expert stacking). Values keep the stored dtype unless ``dtype`` is given, as ``gv.load`` does.
-    MXFP4 expert weights are not supported here (use ``gv.load``)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
+    """(Model, ReadStats): a Hugging Face folder read shard by shard, MXFP4 experts included
+    (:mod:`grokviz.distributed.sharded_hf`)."""
+    from .sharded_hf import load_hf as impl
 
-    from ..api import Model
-    from ..checkpoint.hf import HFFolder
-    from ..params import shapes_dict
-    from ..sharding import TOP_LEVEL, base_spec, fit_spec
-
-    hf = HFFolder(path)
-    if hf.mxfp4:
-        raise ValueError(f"{path}: MXFP4 expert weights cannot be read shard by shard; load with gv.load")
-    cfg = hf.cfg
-    dt = hf.dtype if dtype is None else np.dtype(jnp.dtype(dtype))
-    reader = _Reader(Path(path), hf.files, hf.headers)
-    src: dict = {}  # (leaf, layer, expert) -> (tensor, op, stored shape)
-    for name, t in hf.want.items():
-        for leaf, op, _ in t.leaves:
-            src[(leaf, t.layer, t.expert)] = (name, op, tuple(reader.entry(name)[1]["shape"]))
-    shapes = shapes_dict(cfg)
-
-    def leaf_array(name, full, stacked):
-        from ..checkpoint.converted import leaf_layers
-
-        layers = leaf_layers(name, cfg) if stacked else (None,)
-        per_expert = (name, layers[0], 0) in src
-
-        def read(layer, idx):
-            if per_expert:  # idx[0] runs over experts
-                es = range(*idx[0].indices(cfg.num_experts))
-                return np.stack([_hf_block(reader, *src[(name, layer, e)][:2], idx[1:], src[(name, layer, e)][2])
-                                 for e in es]) if len(es) else None
-            tensor, op, stored = src[(name, layer, None)]
-            return _hf_block(reader, tensor, op, idx, stored)
-
-        cache: dict = {}
-
-        def cb(index):
-            sig = tuple(ix.indices(d)[:2] for ix, d in zip(index, full))
-            if sig not in cache:
-                if stacked:
-                    ls = range(*index[0].indices(len(layers)))
-                    cache[sig] = np.stack([read(layers[i], index[1:]) for i in ls]).astype(dt, copy=False)
-                else:
-                    cache[sig] = read(None, index).astype(dt, copy=False)
-            return cache[sig]
-
-        return jax.make_array_from_callback(full, NamedSharding(mesh, fit_spec(base_spec(name, stacked), full, mesh)),
-                                            cb)
-
-    try:
-        params = {n: leaf_array(n, tuple(shapes[n]), False) for n in TOP_LEVEL if n in shapes}
-        params["blocks"] = {n: leaf_array(n, tuple(s), True) for n, s in shapes["blocks"].items()}
-    finally:
-        reader.close()
-    tok = None
-    if hf.tokenizer is not None:
-        from ..hf_tokenizer import HFTokenizer
-
-        tok = HFTokenizer(hf.tokenizer)
-    return Model(cfg, params, tok), reader.stats
+    return impl(path, mesh, dtype=dtype)
