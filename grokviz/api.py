@@ -14,6 +14,7 @@ from .cache import ActivationCache
 from .config import GrokConfig, bucket_length, is_real
 from .hooks import REGISTRY, AttentionSpec, select
 from .interventions import Interventions, check_interventions
+from .model.attention import resolve_impl
 from .model.transformer import forward
 from .params import count_params, validate_params
 
@@ -21,7 +22,7 @@ TRACE_COUNT = [0]  # incremented each time the jitted forward is traced (i.e. co
 
 
 def _forward(params, tokens, interventions, length, *, cfg, capture, expert_impl, unroll, callbacks, attn_spec,
-             attn_impl="tiled"):
+             attn_impl="auto"):
     TRACE_COUNT[0] += 1
     return forward(params, tokens, cfg, capture=capture, interventions=interventions, expert_impl=expert_impl,
                    unroll=unroll, callbacks=dict(callbacks), attn_spec=attn_spec, length=length, attn_impl=attn_impl)
@@ -82,12 +83,12 @@ class Run:
     on the host, so no length ever compiles a program of its own. ``cfg`` is the configuration the run used
     (``top_k`` replaced when it was given), ``interventions`` the ones given (None for none), ``attention`` the
     :class:`~grokviz.hooks.AttentionSpec`, ``capture`` the frozenset of captured hook names, ``expert_impl``,
-    ``bucket`` whether the tokens were padded to a bucket, ``unroll``, ``callbacks`` and ``attn_impl`` as given.
+    ``bucket`` whether the tokens were padded to a bucket, ``unroll`` and ``callbacks`` as given, ``attn_impl`` as run.
     """
 
     def __init__(self, tokens, logits, cache, model, *, cfg=None, interventions=None, attention=None,
                  capture=frozenset(), expert_impl="sparse", bucket=False, unroll=False, callbacks=None,
-                 attn_impl="tiled"):
+                 attn_impl="auto"):
         self.tokens = np.asarray(tokens)        # [batch, seq] int32, as given (not padded)
         self._logits = logits                   # [batch, padded seq, vocab] (device) until first access
         self.cache = cache
@@ -100,7 +101,7 @@ class Run:
         self.bucket = bool(bucket)
         self.unroll = bool(unroll)
         self.callbacks = dict(callbacks or {})
-        self.attn_impl = attn_impl
+        self.attn_impl = resolve_impl(attn_impl)  # as it ran: "auto" / "fused" resolved
 
     @property
     def logits(self) -> np.ndarray:
@@ -189,7 +190,7 @@ class Model:
     def run(self, tokens_or_text, *, capture=None, interventions: Interventions | None = None,
             expert_impl: str = "sparse", unroll: bool = False, callbacks: dict[str, Any] | None = None,
             top_k: int | None = None, attention: AttentionSpec | None = None,
-            bucket: bool | None = None, attn_impl: str = "tiled") -> Run:
+            bucket: bool | None = None, attn_impl: str = "auto") -> Run:
         """Forward pass. ``capture``: hook names or globs; ``interventions``: data (no recompile when only
         values change); ``callbacks``: {hook: fn(value, layer) -> value} (static: recompiles);
         ``top_k``: route to a different number of experts (static: recompiles); ``attention``: an
@@ -199,8 +200,8 @@ class Model:
         length on the host. Right padding never changes real positions (causal attention, pad keys masked,
         padding excluded from expert load) beyond fp32 rounding of the different shapes. Default: the model's
         ``bucket`` (True). Runs with patches are bucketed too: patch values and masks are padded on the host
-        and the padded positions are never patched. ``attn_impl``: "tiled" (default) or "reference", see
-        :func:`grokviz.model.forward` (the same result to fp32 rounding).
+        and the padded positions are never patched. ``attn_impl``: "auto" (default), "fused", "tiled" or
+        "reference", see :func:`grokviz.model.forward` (the same result to fp32 rounding).
 
         Interventions are checked on the host first (:func:`check_interventions`): every index, id, value and
         patch shape, with a ``ValueError`` naming the intervention and the bound."""

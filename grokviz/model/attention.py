@@ -10,28 +10,51 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from .. import kernels
 from ..config import is_real
 from ..hooks import AttentionSpec
+from ..kernels.fused import attend_fused
 from ..params import dense
 from .layers import MASK_VALUE, rms_norm, rope, softcap
 from .tiled import TILE_K, attend_tiled
 
-#: attention implementations: "tiled" (query x key tiles, online softmax; the default) and "reference" (the
-#: straightforward full-score form). Both give the same result to fp32 rounding; maps always use the reference.
-ATTN_IMPLS = ("tiled", "reference")
+#: attention implementations: "auto" (the default: "fused" where the compiled CPU kernel is available, else
+#: "tiled"), "fused" (grokviz.kernels: one pass over key tiles in C++ through jax.ffi), "tiled" (query x key
+#: tiles with an online softmax in pure JAX) and "reference" (the straightforward full-score form). All give the
+#: same result to fp32 rounding; logits and scores maps are always computed in the reference form.
+ATTN_IMPLS = ("auto", "fused", "tiled", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
 class _ImplSpec(AttentionSpec):
     """The run's :class:`~grokviz.hooks.AttentionSpec` as the blocks see it, with the implementation chosen."""
 
-    impl: str = "tiled"
+    impl: str = "auto"
+
+
+def resolve_impl(impl: str) -> str:
+    """The implementation ``impl`` runs as: "auto" is "fused" when the kernel is available on a CPU backend,
+    else "tiled"; "fused" without the kernel falls back to "tiled" (saying why, once per process)."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {list(ATTN_IMPLS)}, got {impl!r}")
+    if impl not in ("auto", "fused"):
+        return impl
+    if jax.default_backend() == "cpu" and kernels.available():
+        return "fused"
+    if impl == "fused":
+        kernels.fallback_notice(impl)
+    return "tiled"
+
+
+def _impl_of(spec) -> str:
+    """The resolved implementation a spec carries (a plain AttentionSpec: the default, "auto")."""
+    return resolve_impl(getattr(spec, "impl", "auto"))
 
 
 def with_impl(spec: AttentionSpec | None, impl: str) -> AttentionSpec:
-    """``spec`` (default ``AttentionSpec()``) carrying the attention implementation ``impl`` to the blocks."""
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be one of {list(ATTN_IMPLS)}, got {impl!r}")
+    """``spec`` (default ``AttentionSpec()``) carrying the attention implementation ``impl`` (resolved by
+    :func:`resolve_impl`) to the blocks."""
+    impl = resolve_impl(impl)
     spec = spec or AttentionSpec()
     return _ImplSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec)}, impl=impl)
 
@@ -253,9 +276,22 @@ def use_tiled(point, spec, t) -> bool:
     """The tiled path (no KV cache) runs unless the spec asks for the reference, a map is patched or called back
     (the output then flows from the maps), or more top keys are wanted than a key tile holds. Maps that are only
     captured are computed beside it in the reference form, so capturing them leaves the output unchanged."""
-    if getattr(spec, "impl", "tiled") != "tiled" or any(point.patched(n) for n in MAPS):
+    if _impl_of(spec) not in ("tiled", "fused") or any(point.patched(n) for n in MAPS):
         return False
     return not (point.wants("attn.top_keys") or point.wants("attn.top_key_weights")) or spec.top_keys <= min(TILE_K, t)
+
+
+def use_fused(point, spec, t, cached) -> bool:
+    """The fused kernel runs when the spec resolved to it and no map is patched or called back (online summaries
+    without a captured pattern are computed beside it by the tiled form, see :func:`_attend_tiled`, so it runs
+    where that can). Over a KV cache it runs for chunks of more than one query with no map or summary wanted (a
+    decode step keeps the multiply + reduce of :func:`_mix`)."""
+    if _impl_of(spec) != "fused" or any(point.patched(n) for n in MAPS):
+        return False
+    online = any(point.wants(n) for n in ("attn.entropy", "attn.top_keys", "attn.top_key_weights"))
+    if cached:
+        return t > 1 and not online and not any(point.wants(n) for n in MAPS + ("attn.pattern_at",))
+    return not online or point.wants("attn.pattern") or use_tiled(point, spec, t)
 
 
 def _side_qk(point, q, k, qg, k_roped, positions, cfg):
@@ -271,23 +307,43 @@ def _side_qk(point, q, k, qg, k_roped, positions, cfg):
     return rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size), k
 
 
-def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side):
-    """:func:`grokviz.model.tiled.attend_tiled`, with the reduced summaries it carries recorded. Captured maps
-    and the chosen query rows of ``attn.pattern_at`` (over all keys, as in the full map) are computed in the
-    reference form beside it, from ``side()`` = (queries, keys) of :func:`_side_qk`."""
+def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False):
+    """:func:`grokviz.model.tiled.attend_tiled` (or, ``fused``, :func:`grokviz.kernels.fused.attend_fused`,
+    which also gives a captured ``attn.pattern`` from the same pass), with the reduced summaries recorded.
+    Captured logits and scores (and the pattern of the tiled form) and the chosen query rows of
+    ``attn.pattern_at`` (over all keys, as in the full map) are computed in the reference form beside it, from
+    ``side()`` = (queries, keys) of :func:`_side_qk`."""
     want = {n for n in REDUCED if point.wants(n)}
     maps = [n for n in MAPS if point.wants(n)]
     online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
-    o, summaries = attend_tiled(qg, k, v, mask, cfg, dt, sinks, want=online, top_keys=spec.top_keys)
+    kernel_pattern = None
+    if fused:
+        o = attend_fused(qg, k, v, mask, cfg, dt, sinks, pattern="attn.pattern" in maps)
+        if "attn.pattern" in maps:
+            o, kernel_pattern = o
+        online = online & {"attn.entropy", "attn.top_keys", "attn.top_key_weights"}
+        # online summaries come from the tiled form beside the kernel, on side() copies (reading the kernel's own
+        # inputs changed their layout, and the logits by ~1e-6); the values do not enter them
+        summaries = {}
+        if online:
+            sq, sk = side()
+            summaries = attend_tiled(sq, sk, jnp.zeros_like(v), mask, cfg, dt, sinks, want=online,
+                                     top_keys=spec.top_keys)[1]
+    else:
+        o, summaries = attend_tiled(qg, k, v, mask, cfg, dt, sinks, want=online, top_keys=spec.top_keys)
     for name, value in summaries.items():
         if name in want:
             point(name, value)
     if not maps and "attn.pattern_at" not in want:
         return o
-    sq, sk = side()
     if maps:
-        values = dict(zip(MAPS, (rearrange(a, "b kv g t s -> b (kv g) t s") for a in _probs(sq, sk, *mask, cfg,
-                                                                                               sinks))))
+        values = {"attn.pattern": kernel_pattern}
+        if any(values.get(n) is None for n in maps):
+            sq, sk = side()
+            values = dict(zip(MAPS, (rearrange(a, "b kv g t s -> b (kv g) t s") for a in _probs(sq, sk, *mask,
+                                                                                                   cfg, sinks))))
+            if kernel_pattern is not None:
+                values["attn.pattern"] = kernel_pattern
         for name in maps:
             point(name, values[name])
         if "attn.pattern" in maps and want:
@@ -295,6 +351,7 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side):
     elif "attn.pattern_at" in want:
         allowed, fill = mask
         rows = jnp.asarray(spec.queries)
+        sq, sk = side()
         _, _, pat = _probs(sq[:, :, :, rows], sk, allowed[:, :, rows], fill, cfg, sinks)
         point("attn.pattern_at", rearrange(pat, "b kv g t s -> b (kv g) t s"))
     return o
@@ -326,7 +383,8 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None, positions=None
     if positions is None:
         positions = jnp.arange(t)
     q_pre, k_pre, v = project_qkv(p, x, cfg)
-    tiled = kv is None and use_tiled(point, spec, t)
+    fused = use_fused(point, spec, t, kv is not None)
+    fast = fused or (kv is None and use_tiled(point, spec, t))  # the fused kernel or the tiled form
     q = _rope_point(point, "attn.q", q_pre, positions, cfg)
     k = _rope_point(point, "attn.k", k_pre, positions, cfg)
     v = point("attn.v", v)
@@ -337,12 +395,12 @@ def attention(p, x, mask, cfg, point, head_scale=None, spec=None, positions=None
     sinks = _sinks(p, cfg)
     # query head j = kv_head * G + g uses kv head j // G (contiguous groups)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
-    if tiled:
-        # the tiled loop starts from materialised q, k, v whatever else reads them (captures, maps beside it), so
-        # that its result is bit for bit the same with and without them
+    if fast:
+        # the tiled loop (or the kernel) starts from materialised q, k, v whatever else reads them (captures, maps
+        # beside it), so that its result is bit for bit the same with and without them
         qg, k, v = jax.lax.optimization_barrier((qg, k, v))
         o = _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks,
-                          functools.partial(_side_qk, point, q_pre, k_pre, qg, k, positions, cfg))
+                          functools.partial(_side_qk, point, q_pre, k_pre, qg, k, positions, cfg), fused)
     elif kv is None and use_chunked(point, t) and spec.top_keys <= CHUNK:
         o = _attend_chunked(qg, k, v, mask, cfg, point, spec, dt, sinks)
     else:

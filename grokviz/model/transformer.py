@@ -182,7 +182,7 @@ def split_layers(params, cfg) -> dict:
 
 def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length=None, capture=frozenset(),
                interventions=None, patches=None, callbacks=None, expert_impl="sparse", unroll=False,
-               attn_spec: AttentionSpec | None = None, kv: KVCache | None = None, attn_impl="tiled") -> Blocks:
+               attn_spec: AttentionSpec | None = None, kv: KVCache | None = None, attn_impl="auto") -> Blocks:
     """Run layers ``start_layer .. stop_layer - 1`` on the residual stream ``h`` [batch, seq, d_model], which is
     ``resid_pre`` of ``start_layer``. ``tokens`` (int [batch, seq]) give padding, positions and the attention mask.
 
@@ -307,14 +307,15 @@ _MOE_ONLY = frozenset(ROUTING_HOOKS) | {"blocks.moe.expert_out", "blocks.moe.exp
 
 def forward(params, tokens, cfg, *, capture=frozenset(), interventions=None, expert_impl="sparse",
             unroll=False, callbacks=None, attn_spec: AttentionSpec | None = None, length=None,
-            kv: KVCache | None = None, attn_impl="tiled") -> Output:
+            kv: KVCache | None = None, attn_impl="auto") -> Output:
     """Pure forward pass. tokens: int [batch, seq] (pad id = padding, masked as keys only).
 
     ``capture``: hook names or globs, validated (see :func:`grokviz.hooks.select`; the capture contract is in
     :mod:`grokviz.hooks`). ``interventions``: a :class:`grokviz.interventions.Interventions` (or None).
     ``expert_impl``: "sparse" (fast) or "dense" (reference). ``unroll``: Python loop instead of lax.scan.
-    ``attn_impl``: "tiled" (query x key tiles with an online softmax, :mod:`grokviz.model.tiled`; fast) or
-    "reference" (the full score tensor); attention maps and KV-cache steps always use the reference form.
+    ``attn_impl``: "auto" (default: "fused" where the compiled CPU kernel of :mod:`grokviz.kernels` is
+    available, else "tiled"), "fused", "tiled" (query x key tiles with an online softmax, :mod:`grokviz.model.tiled`)
+    or "reference" (the full score tensor); logits and scores maps and KV-cache decode steps use the reference form.
     ``callbacks``: {hook name: fn(value, layer) -> value}; static (changing them recompiles).
     ``attn_spec``: :class:`grokviz.hooks.AttentionSpec` — which layers/heads keep full attention maps, and the
     parameters of the reduced attention hooks. Maps kept for selected layers only are stacked over those
