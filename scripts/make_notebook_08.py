@@ -129,8 +129,9 @@ viz.ExpertLoadDashboard(result, phase="decode")"""),
     ("md", """
 ## 4. Counterfactual experts and the per-expert logit lens
 
-`X.counterfactual_table`: what every expert, selected or not, would write at one position (the layer run again
-with `blocks.moe.expert_outputs_all` captured), its lens readout and its direct logit attribution to a target.
+`X.counterfactual_table`: what every expert, selected or not, would write at one position (the model's blocks up
+to that layer, then every expert of the layer on its MoE input: the hook `blocks.moe.expert_outputs_all` at one
+layer; `X.expert_outputs` gives the arrays), its lens readout and its direct logit attribution to a target.
 `X.expert_lens` (after *MoE Lens*, arXiv 2025): each selected expert's gated write read out by the final norm
 and unembedding, next to the whole MoE output's."""),
     ("code", """
