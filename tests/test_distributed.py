@@ -85,7 +85,7 @@ from grokviz import distributed as dist
 info = dist.initialize()
 from grokviz import study
 from grokviz.distributed.sharded import load_converted, load_hf, load_release
-ckpt, hf, tokens, out, spec, release, cfg, mx = sys.argv[1:]
+ckpt, hf, tokens, out, spec, release, cfg, mx, mesh_spec = sys.argv[1:]
 mesh = dist.global_mesh((2, 4))  # data axis across the 2 processes
 
 
@@ -118,6 +118,7 @@ for fam in [*sorted(p.name for p in Path(hf).parent.iterdir() if p.is_dir()), mx
     if fam in ("mixtral", "gpt_oss", mx):
         report(path.name, stats)
 study.run(spec, progress=False)
+study.run(mesh_spec, progress=False, log=print if info.process_id == 0 else None)  # the model over both processes
 """
 
 
@@ -137,9 +138,11 @@ def test_two_processes_golden_forward_and_study_equal_one_process(tmp_path, one_
     np.save(tmp_path / "tokens.npy", z["tokens"])
     (tmp_path / "job.py").write_text(JOB)
     spec = _spec_copy(tmp_path)
+    mesh_spec = tmp_path / "mesh.toml"  # model axis over all 8 devices of both processes
+    mesh_spec.write_text(SPEC.read_text().replace('output = "', 'mesh = [1, 8]\noutput = "mesh.'))
     p, _ = _launch(["--", "python", str(tmp_path / "job.py"), str(ckpt), str(HF), str(tmp_path / "tokens.npy"),
-                    str(tmp_path / "logits.npy"), str(spec), str(RELEASE), str(tmp_path / "cfg.json"), str(mx)],
-                   tmp_path)
+                    str(tmp_path / "logits.npy"), str(spec), str(RELEASE), str(tmp_path / "cfg.json"), str(mx),
+                    str(mesh_spec)], tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     reads = sorted(json.loads(line.split("READ ", 1)[1]) for line in p.stdout.splitlines() if "READ " in line)
     names = ["golden", "gpt_oss", "gpt_oss_mxfp4", "mixtral", "release"]
@@ -157,6 +160,22 @@ def test_two_processes_golden_forward_and_study_equal_one_process(tmp_path, one_
     two = study.load(study.load_spec(spec).output)
     assert two.routing.n_tokens == one_process.routing.n_tokens > 1000
     assert two.same_as(one_process)  # int64 counts and float sums, bit for bit
+
+    # the mesh study: each process read about half the model, and the counts are the single-process ones exactly
+    m = re.search(r"bytes read per process: 0: ([\d,]+) of ([\d,]+) .*, 1: ([\d,]+) of", p.stdout)
+    assert m, p.stdout[-2000:]
+    r0, tot, r1 = (int(g.replace(",", "")) for g in m.groups())
+    assert 0.45 * tot < r0 < 0.56 * tot and 0.45 * tot < r1 < 0.56 * tot, m.group(0)
+    meshed = study.load(study.load_spec(mesh_spec).output)
+    a, b = meshed.arrays(), one_process.arrays()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        if np.issubdtype(b[k].dtype, np.floating):  # sums of a sharded forward: equal to rounding
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        else:  # counts (and labels): exactly
+            assert np.array_equal(a[k], b[k]), k
+    print("mesh study, float arrays not bit-identical:", [k for k in a if not np.array_equal(a[k], b[k])])
 
 
 def test_sigkill_then_resume_with_2_then_1_processes(tmp_path, one_process):

@@ -135,6 +135,15 @@ def test_hf_family_study_from_token_file(tmp_path):
     assert np.array_equal(res.routing.load, ref.load) and np.array_equal(res.routing.token_counts,
                                                                          ref.token_counts)
 
+    # the same spec with the model placed by distributed.sharded on a mesh of this process's one device
+    lines = []
+    meshed = dataclasses.replace(spec, mesh=(1, 1), output=tmp_path / "m.npz", progress=tmp_path / "m.p.npz")
+    assert study.run(meshed, progress=False, log=lines.append).same_as(res)
+    assert "bytes read per process: 0: " in lines[0] and "(100.0 %)" in lines[0]
+    assert study.prepare(spec, model).fingerprint != study.prepare(meshed, model).fingerprint
+    with pytest.raises(ValueError, match=r"mesh \[1, 2\] has 2 devices but the job has 1"):
+        study.run(dataclasses.replace(meshed, mesh=(1, 2)), progress=False)
+
 
 @pytest.mark.parametrize("bad, match", [
     ({"dataset": {"corpus": "validation"}}, "'model'"),
@@ -144,6 +153,8 @@ def test_hf_family_study_from_token_file(tmp_path):
     ({"model": "tiny", "batch_size": 0}, "batch_size"),
     ({"model": "tiny", "dataset": {"corpus": "test"}}, "dataset.corpus"),
     ({"model": "tiny", "dataset": {"corpus": "validation", "files": ["a.txt"]}}, "exactly one"),
+    ({"model": "tiny", "mesh": [0, 2]}, "mesh must be"),
+    ({"model": "tiny", "mesh": 8}, "mesh must be"),
 ])
 def test_spec_errors(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -54,6 +54,7 @@ class Plan:
     fingerprint: str
     template: D.RoutingStats | None
     classes: np.ndarray | None
+    reads: list | None = None  # mesh: [(bytes read, checkpoint bytes)] of every process
 
     @property
     def n_rounds(self) -> int:
@@ -115,10 +116,10 @@ def batch_parts(plan: Plan, b: int) -> tuple[dict, dict]:
     ints, floats = {}, {}
     if capture:
         run = plan.model.run(toks, capture=capture, expert_impl=plan.spec.expert_impl)
-        real = np.asarray(run.real)
+        real = _host(run.real)
     if plan.template is not None:
         st = _zero_stats(plan.template)
-        D._update_routing(st, {n: np.asarray(run.cache[n]) for n in ROUTING_CAPTURE}, toks, real, domains,
+        D._update_routing(st, {n: _host(run.cache[n]) for n in ROUTING_CAPTURE}, toks, real, domains,
                           plan.classes)
         ints.update(n_tokens=[st.n_tokens], load=st.load, coactivation=st.coactivation,
                     consecutive=st.consecutive, flow=st.flow, class_counts=st.class_counts,
@@ -127,8 +128,8 @@ def batch_parts(plan: Plan, b: int) -> tuple[dict, dict]:
                     if plan.domains else np.zeros((0, *st.load.shape), np.int64))
         floats.update(st.sums)
     if "attention" in plan.spec.collect:
-        s = A.attention_sums(np.asarray(run.cache["blocks.attn.pattern"]), real,
-                             np.asarray(run.cache["blocks.attn.logits"]), cap=plan.model.cfg.attn_softcap)
+        s = A.attention_sums(_host(run.cache["blocks.attn.pattern"]), real,
+                             _host(run.cache["blocks.attn.logits"]), cap=plan.model.cfg.attn_softcap)
         lh = (plan.model.cfg.num_layers, plan.model.cfg.num_q_heads)
         for k in ATT_FLOAT:
             floats[f"att_{k}"] = s.get(k, np.zeros(lh))
@@ -144,13 +145,43 @@ def batch_parts(plan: Plan, b: int) -> tuple[dict, dict]:
     return ints, floats
 
 
-def prepare(spec, model=None) -> Plan:
-    spec = load_spec(spec)
-    if model is None:
+def _host(x) -> np.ndarray:
+    """A (possibly multi-process) array as numpy, whole, on this process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def load_model(spec: Spec):
+    """The spec's model: whole in this process, or (``mesh``) placed on the global mesh reading only this process's
+    shards (:func:`grokviz.distributed.sharded.load`); returns (model, ReadStats or None)."""
+    import jax
+
+    dist.set_phase(f"loading model {spec.model}")
+    if spec.mesh is None:
         from ..loading import load
 
-        dist.set_phase(f"loading model {spec.model}")
-        model = load(spec.model_path(), progress=False)
+        return load(spec.model_path(), progress=False), None
+    from ..distributed import sharded
+
+    n = spec.mesh[0] * spec.mesh[1]
+    if n != jax.device_count():
+        raise ValueError(f"study spec: mesh {list(spec.mesh)} has {n} devices but the job has {jax.device_count()} "
+                         f"({jax.process_count()} process(es) x {jax.local_device_count()}); data x model must use "
+                         f"every device")
+    return sharded.load(spec.model_path(), dist.global_mesh(spec.mesh))
+
+
+def prepare(spec, model=None) -> Plan:
+    spec = load_spec(spec)
+    reads = None
+    if model is None:
+        model, stats = load_model(spec)
+        if stats is not None:
+            mine = np.array([stats.bytes_read + stats.header_bytes, stats.file_bytes or stats.tensor_bytes], np.int64)
+            reads = [tuple(int(v) for v in row) for row in dist.allgather_exact(mine)]
     dist.set_phase("reading and batching the dataset")
     batches = list(D.batches(model, spec.documents(), batch_size=spec.batch_size, max_len=spec.max_len,
                              progress=False, with_domains=True))
@@ -167,7 +198,7 @@ def prepare(spec, model=None) -> Plan:
         classes = S.vocab_classes(template.pieces) if template.pieces is not None else None
     fp = hashlib.sha256(json.dumps({"model": model_fingerprint(spec, model.cfg), "data": h.hexdigest(),
                                     "spec": spec.key()}, sort_keys=True).encode()).hexdigest()
-    return Plan(spec, model, batches, domains, fp, template, classes)
+    return Plan(spec, model, batches, domains, fp, template, classes, reads)
 
 
 def _meta(plan: Plan, fmt: str, **extra) -> dict:
@@ -211,24 +242,31 @@ def run(spec, *, model=None, progress: bool = True, log=None):
     n_float = sum(int(np.prod(s, dtype=np.int64)) for _, s in floats_l)
     done, tot_i, tot_f = _resume(plan, n_int, n_float)
     R, nb = spec.batches_per_round, len(plan.batches)
-    slots = math.ceil(R / P)
+    # data-parallel: process p runs every P-th batch of a round; on a mesh every process runs every batch (the
+    # model spans them) and process 0's statistics are the batch's
+    W, w = (1, 0) if spec.mesh else (P, p)
+    slots = math.ceil(R / W)
     bar = None
     if progress and p == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=nb, initial=min(done * R, nb), desc=f"study ({P} process{'es' if P > 1 else ''})",
                    unit="batch")
+    if log is not None and plan.reads:
+        log(f"study: model on mesh {list(spec.mesh)}, bytes read per process: " + ", ".join(
+            f"{q}: {n:,} of {tot:,} ({100 * n / max(tot, 1):.1f} %)" for q, (n, tot) in enumerate(plan.reads)))
     t0 = time.perf_counter()
     for r in range(done, plan.n_rounds):
         store.fault("start", r)
         idx = list(range(r * R, min((r + 1) * R, nb)))
-        mine = idx[p::P]
+        mine = idx[w::W]
         li, lf, lid = np.zeros(n_int, np.int64), np.zeros((slots, n_float), np.float64), np.full(slots, -1)
         for j, b in enumerate(mine):
             dist.set_phase(f"study round {r + 1}/{plan.n_rounds}: batch {b} (of {nb})")
             pi, pf = batch_parts(plan, b)
-            li += _pack(pi, ints_l, np.int64)
-            lf[j], lid[j] = _pack(pf, floats_l, np.float64), b
+            if W == P or p == 0:
+                li += _pack(pi, ints_l, np.int64)
+                lf[j], lid[j] = _pack(pf, floats_l, np.float64), b
         dist.set_phase(f"study round {r + 1}/{plan.n_rounds}: reducing over {P} process(es)")
         try:
             tot_i = tot_i + dist.sum_exact(li)

@@ -8,6 +8,7 @@
     max_len = 128                       # window length (default: the model's sequence_len)
     batches_per_round = 8               # global batches between progress checkpoints
     collect = ["routing", "top_tokens"] # + "attention", "ablation"
+    mesh = [2, 4]                       # optional (data, model) mesh over every process's devices: see below
     ablation = {kind = "expert", mode = "contribution"}   # for "ablation" (mode: contribution|route_around|swap;
                                                           # kind "head": attention heads; layers = [...]: some)
     [dataset]
@@ -23,6 +24,16 @@ first-choice flow, token-class and domain counts, entropy / gate mass / z-loss /
 ``RoutingStats.top_tokens``; ``attention``: per-head attention summaries
 (:class:`grokviz.analysis.dataset.AttentionStats`); ``ablation``: an ablation sweep's loss sums per (layer,
 expert | head), the table of :func:`grokviz.analysis.patching.ablation_sweep` (loss, base loss, Δloss, KL).
+
+**Where the model lives.** Without ``mesh`` every process loads the whole model and the processes run different
+batches (data-parallel). With ``mesh = [data, model]`` (``data * model`` = every device of every process, e.g.
+``[2, 4]`` for ``grokviz launch -n 2 --devices-per-process 4``, or ``[1, 8]``) the model is placed on that mesh
+by :func:`grokviz.distributed.sharded.load`, so each process reads only the bytes of its own devices' shards (the
+way to study a model bigger than one host: release pickles, converted or Hugging Face checkpoints), and every
+batch runs on the whole mesh, all processes together (process 0's statistics of it are kept). The counts are
+those of a one-process run (tests/test_distributed.py: exactly, 2 processes, mesh ``[1, 8]``); float sums agree
+to rounding (a sharded matmul adds in another order). The mesh is part of the study's fingerprint: a job resumes
+only on the mesh it started on.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from pathlib import Path
 
 COLLECT = ("routing", "top_tokens", "attention", "ablation")
 KEYS = {"model", "output", "progress", "batch_size", "max_len", "batches_per_round", "collect", "dataset",
-        "expert_impl", "ablation"}
+        "expert_impl", "ablation", "mesh"}
 ABLATION_MODES = ("contribution", "route_around", "swap")
 DATASET_KEYS = {"corpus", "files", "limit", "offset", "domain"}
 
@@ -53,6 +64,7 @@ class Spec:
     expert_impl: str = "sparse"
     ablation: tuple = (("kind", "expert"), ("layers", None), ("mode", "contribution"))
     base: Path = Path(".")
+    mesh: tuple | None = None
 
     def model_path(self) -> str:
         return self.model if self.model == "tiny" else str(_resolve(self.base, self.model))
@@ -77,7 +89,7 @@ class Spec:
         return {"batch_size": self.batch_size, "max_len": self.max_len, "batches_per_round": self.batches_per_round,
                 "collect": list(self.collect), "expert_impl": self.expert_impl,
                 **({"ablation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.ablation}}
-                   if "ablation" in self.collect else {})}
+                   if "ablation" in self.collect else {}), **({"mesh": list(self.mesh)} if self.mesh else {})}
 
 
 def _resolve(base: Path, p) -> Path:
@@ -187,6 +199,10 @@ def load_spec(spec) -> Spec:
     impl = raw.get("expert_impl", "sparse")
     if impl not in ("sparse", "dense"):
         raise ValueError(f"study spec: expert_impl must be 'sparse' or 'dense', got {impl!r}")
+    mesh = raw.get("mesh")
+    if mesh is not None and (not isinstance(mesh, list) or len(mesh) != 2
+                             or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mesh)):
+        raise ValueError(f"study spec: mesh must be [data, model], two integers >= 1, got {mesh!r}")
     output = _resolve(base, raw.get("output", f"{stem}.results.npz"))
     progress = _resolve(base, raw["progress"]) if "progress" in raw else output.with_name(output.name +
                                                                                          ".progress.npz")
@@ -195,7 +211,7 @@ def load_spec(spec) -> Spec:
                 max_len=_int("max_len", raw.get("max_len"), optional=True),
                 batches_per_round=_int("batches_per_round", raw.get("batches_per_round", 8)),
                 collect=tuple(c for c in COLLECT if c in collect), expert_impl=impl,
-                ablation=tuple(sorted(abl.items())), base=base)
+                ablation=tuple(sorted(abl.items())), base=base, mesh=None if mesh is None else tuple(mesh))
 
 
 def model_fingerprint(spec: Spec, cfg) -> str:
