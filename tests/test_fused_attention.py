@@ -1,0 +1,220 @@
+"""The fused CPU attention kernel (grokviz.kernels, called through jax.ffi) equals the reference form to fp32
+rounding: the core (soft cap, left/right padding, bucket length, sinks + sliding window, lengths not a multiple
+of the tiles, bf16, a chunk over a longer KV buffer, the pattern with the reference's exact zeros), whole
+forwards of the golden Grok and of Hugging Face families, prefill into a KV cache, captured maps (logits
+bit-identical with and without them), gradients, vmap, and the fallback to the tiled form without a kernel."""
+
+import functools
+import importlib
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grokviz as gv
+from grokviz import kernels
+from grokviz.families import preset
+from grokviz.kernels import build as B
+from grokviz.kernels.fused import attend_fused
+from grokviz.model import KVCache, forward
+
+A = importlib.import_module("grokviz.model.attention")
+HF = os.path.join(os.path.dirname(__file__), "data", "hf")
+
+if not kernels.available():
+    pytest.skip(f"the fused attention kernel is unavailable here: {kernels.reason()}", allow_module_level=True)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _tokens(cfg, b, t, seed=0):
+    toks = np.random.default_rng(seed).integers(3, cfg.vocab_size, (b, t)).astype(np.int32)
+    toks[0, :5] = cfg.pad_token       # left padding: queries with no allowed key
+    toks[-1, t - 3:] = cfg.pad_token  # right padding
+    return toks
+
+
+CFGS = {
+    "grok": lambda: gv.GrokConfig.golden(),  # 30 * tanh soft cap
+    "gpt_oss": lambda: preset("gpt_oss", vocab_size=96, d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2,
+                              head_dim=8, ffn=24, num_experts=4, top_k=2, sequence_len=64, pad_token=0,
+                              sliding_window=5, layer_types=("sliding", "full")),
+}
+
+
+def _core_case(cfg, t=21, s=None, seed=0):
+    """q [b kv g t d], k, v [b s kv d] and the mask: padding and a bucket length (s == t), or a chunk of t queries
+    at slots s - t .. s - 1 of a buffer of s (causal over the buffer, a few slots not real)."""
+    b, kv, g, d = 2, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    s = s or t
+    r = np.random.default_rng(seed)
+    qg = jnp.asarray(3 * r.standard_normal((b, kv, g, t, d)), jnp.float32)
+    k = jnp.asarray(3 * r.standard_normal((b, s, kv, d)), jnp.float32)
+    v = jnp.asarray(r.standard_normal((b, s, kv, d)), jnp.float32)
+    if s == t:
+        toks = jnp.asarray(_tokens(cfg, b, t, seed))
+        allowed, fill = A.attention_mask(toks, cfg.pad_token, length=jnp.int32(t - 2))
+        pos = A.positions_of(toks, cfg)
+        k_pos = pos
+    else:
+        real = np.ones((b, s), bool)
+        real[0, :3] = False
+        q_slot = np.arange(s - t, s)
+        allowed = jnp.asarray(real[:, None, None, :] & (np.arange(s)[None, :] <= q_slot[:, None])[None, None])
+        fill, pos, k_pos = jnp.float32(A.MASK_VALUE), jnp.broadcast_to(jnp.asarray(q_slot), (b, t)), \
+            jnp.broadcast_to(jnp.arange(s), (b, s))
+    if cfg.sliding_window:
+        allowed = A.window_allowed(allowed, pos, k_pos, cfg.sliding_window)
+    sinks = jnp.asarray(r.standard_normal((kv, g)), jnp.float32) if cfg.attn_sinks else None
+    return qg, k, v, (allowed, fill), sinks
+
+
+def _reference(qg, k, v, mask, cfg, sinks):
+    _, _, pat = A._probs(qg, k, *mask, cfg, sinks)
+    b, kv, g, t, s = pat.shape
+    return jnp.einsum("bhgts,bshd->bthgd", pat, v), pat.reshape(b, kv * g, t, s)
+
+
+@pytest.mark.parametrize("family", sorted(CFGS))
+def test_core_and_pattern_equal_the_reference(family):
+    cfg = CFGS[family]()
+    for t, s, tiles in ((21, None, ((8, 4), (64, 128))), (7, 30, ((4, 8),))):  # never a multiple of the tiles
+        qg, k, v, mask, sinks = _core_case(cfg, t, s)
+        o_ref, p_ref = _reference(qg, k, v, mask, cfg, sinks)
+        for tq, tk in tiles:
+            fn = functools.partial(attend_fused, cfg=cfg, dt=jnp.float32, tq=tq, tk=tk)
+            o = jax.jit(fn)(qg, k, v, mask, sinks=sinks)
+            o_p, pat = jax.jit(functools.partial(fn, pattern=True))(qg, k, v, mask, sinks=sinks)
+            assert _rel(o, o_ref) < 2e-6, (t, s, tq, tk)  # scores up to the cap of 30: a few ulp of exp(s - m)
+            np.testing.assert_array_equal(o_p, o)  # the pattern variant runs the same arithmetic
+            np.testing.assert_allclose(pat, p_ref, atol=1e-6, err_msg=str((t, s, tq, tk)))
+            np.testing.assert_array_equal(np.asarray(pat) == 0, np.asarray(p_ref) == 0)  # the reference's zeros
+    if sinks is None:  # left-padded queries (first case): the mean of v over the keys before the bucket length
+        qg, k, v, mask, _ = _core_case(cfg)
+        o = attend_fused(qg, k, v, mask, cfg, jnp.float32)
+        mean = jnp.mean(v[0, :19], axis=0)[None, :, None, :]
+        np.testing.assert_allclose(o[0, :5], jnp.broadcast_to(mean, o[0, :5].shape), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_inputs_and_vmap():
+    cfg = CFGS["grok"]()
+    qg, k, v, mask, _ = _core_case(cfg, 13)
+    o_ref, _ = _reference(qg, k, v, mask, cfg, None)
+    bf = [a.astype(jnp.bfloat16) for a in (qg, k, v)]
+    o16 = attend_fused(*bf, mask, cfg, jnp.bfloat16)
+    o16_ref, _ = _reference(*[a.astype(jnp.float32) for a in bf], mask, cfg, None)
+    assert o16.dtype == jnp.bfloat16 and _rel(o16, o16_ref) < 1e-2  # bf16 output rounding
+    many = jax.vmap(lambda q: attend_fused(q, k, v, mask, cfg, jnp.float32))(jnp.stack([qg, 2 * qg]))
+    assert _rel(many[0], o_ref) < 2e-6
+    assert _rel(many[1], _reference(2 * qg, k, v, mask, cfg, None)[0]) < 2e-6
+
+
+def _both(params, toks, cfg, **kw):
+    out = {}
+    for impl in ("reference", "fused"):
+        out[impl] = jax.jit(functools.partial(forward, cfg=cfg, attn_impl=impl, **kw))(params, jnp.asarray(toks))
+    return out["reference"], out["fused"]
+
+
+def test_golden_forward_fused_equals_reference(golden):
+    cfg, params, z = golden
+    toks = np.asarray(z["tokens"])
+    ref, fused = _both(params, toks, cfg, length=jnp.int32(toks.shape[1] - 1))
+    assert _rel(fused.logits, ref.logits) < 1e-6
+    assert _rel(fused.logits, z["logits"]) < 1.2e-6  # the golden itself
+    ref, fused = _both(params, _tokens(cfg, 2, 27, seed=3), cfg)  # left + right padding
+    assert _rel(fused.logits, ref.logits) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])  # sinks + sliding window + YaRN; QK norm per head
+def test_hf_family_forward_fused_equals_reference(family):
+    model = gv.load(os.path.join(HF, family))
+    ref, fused = _both(model.params, _tokens(model.cfg, 2, 19, seed=4), model.cfg)
+    assert _rel(fused.logits, ref.logits) < 1e-6
+
+
+def test_prefill_into_a_kv_cache_uses_the_kernel(golden):
+    cfg, params, _ = golden
+    toks = jnp.asarray(_tokens(cfg, 2, 11, seed=6))
+    out = {}
+    for impl in ("reference", "fused"):
+        kv = KVCache.empty(cfg, 2, 24)
+
+        def two_chunks(p, t, kv=kv, impl=impl):
+            first = forward(p, t[:, :6], cfg, kv=kv, attn_impl=impl)
+            return first.logits, forward(p, t[:, 6:], cfg, kv=first.kv, attn_impl=impl).logits
+        out[impl] = jax.jit(two_chunks)(params, toks)
+    for ref, fused in zip(out["reference"], out["fused"]):
+        assert _rel(fused, ref) < 1e-6
+
+
+def test_captured_maps_equal_the_reference_and_leave_the_logits_unchanged(golden):
+    cfg, params, _ = golden
+    toks = jnp.asarray(_tokens(cfg, 2, 27, seed=7))
+    maps = frozenset({"blocks.attn.pattern", "blocks.attn.entropy"})
+
+    @functools.partial(jax.jit, static_argnames=("impl", "capture"))
+    def run(p, t, impl, capture=frozenset()):
+        return forward(p, t, cfg, capture=capture, attn_impl=impl)
+
+    plain = run(params, toks, "fused")
+    for capture in (maps, frozenset({"blocks.attn.entropy", "blocks.attn.top_keys"})):
+        np.testing.assert_array_equal(run(params, toks, "fused", capture).logits, plain.logits, err_msg=str(capture))
+    fused, ref = run(params, toks, "fused", maps), run(params, toks, "reference", maps)
+    for name in maps:
+        np.testing.assert_allclose(fused.cache[name], ref.cache[name], rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_gradients_through_the_fused_path(golden):
+    cfg, params, _ = golden
+    toks = jnp.asarray(_tokens(cfg, 2, 13, seed=5))
+
+    def loss(w_q, impl):
+        p = {**params, "blocks": {**params["blocks"], "w_q": w_q}}
+        return jnp.sum(forward(p, toks, cfg, attn_impl=impl).logits ** 2)
+
+    w = params["blocks"]["w_q"]
+    g_ref = jax.jit(jax.grad(functools.partial(loss, impl="reference")))(w)
+    g_fused = jax.jit(jax.grad(functools.partial(loss, impl="fused")))(w)
+    assert np.abs(np.asarray(g_ref)).max() > 0
+    assert _rel(g_fused, g_ref) < 1e-5
+
+
+def test_auto_is_fused_here_and_the_run_records_it(golden_model):
+    assert A.resolve_impl("auto") == "fused"
+    run = golden_model.run(np.arange(3, 12, dtype=np.int32)[None])
+    assert run.settings()["attn_impl"] == "fused"
+
+
+def test_without_the_kernel_fused_falls_back_to_tiled_with_a_message(golden, monkeypatch, caplog):
+    cfg, params, _ = golden
+    toks = jnp.asarray(_tokens(cfg, 1, 9, seed=8))
+    monkeypatch.setattr(B, "_state", {"ok": False, "reason": "no C++ compiler found (simulated)", "path": None})
+    monkeypatch.setattr(kernels, "_told", set())
+    with caplog.at_level(logging.WARNING, logger="grokviz.kernels"):
+        assert A.resolve_impl("auto") == "tiled"
+        assert A.resolve_impl("fused") == "tiled"
+        A.resolve_impl("fused")
+    said = [r.getMessage() for r in caplog.records if "falls back to 'tiled'" in r.getMessage()]
+    assert len(said) == 1 and "no C++ compiler found (simulated)" in said[0]  # once per process
+    fallback = forward(params, toks, cfg, attn_impl="fused").logits
+    np.testing.assert_array_equal(fallback, forward(params, toks, cfg, attn_impl="tiled").logits)
+    with pytest.raises(RuntimeError, match="unavailable: no C"):
+        attend_fused(*_core_case(cfg, 5)[:4], cfg, jnp.float32)
+
+
+def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setenv("GROKVIZ_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setattr(B, "_state", {})
+    state = B.load()
+    assert not state["ok"] and "exited with 1" in state["reason"]
+    assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))  # no partial library left behind
+    monkeypatch.setenv("GROKVIZ_KERNELS", "0")
+    assert B.load(rebuild=True)["reason"] == "disabled by GROKVIZ_KERNELS=0"
