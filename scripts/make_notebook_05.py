@@ -152,6 +152,18 @@ sharded = gv.load(CHECKPOINT, config=CONFIG, mesh=mesh, progress=False)
 err = np.abs(np.asarray(sharded.run(golden["tokens"]).logits) - np.asarray(run.logits)).max()
 print(f"{n} device(s): max |sharded - unsharded| = {float(err):.2e}")"""),
     ("md", """
+On several hosts, each should read only the bytes of its own devices' shards: `grokviz.distributed.sharded.load`
+parses every pickle's opcodes (the same safety checks as above) to find where each array's bytes lie, then reads
+only each local shard's byte ranges, and reports how many bytes it read. In one process it reads everything once;
+with 2 processes over a `(2, 4)` mesh each reads about half (`tests/test_distributed.py`)."""),
+    ("code", """
+from grokviz.distributed import sharded as dsh
+
+by_shard, reads = dsh.load(CHECKPOINT, mesh, config=CONFIG)
+logits = [np.asarray(m.run(golden["tokens"]).logits) for m in (by_shard, sharded)]
+same = np.array_equal(*logits)
+print(reads, "| same logits as gv.load:", same)"""),
+    ("md", """
 ## 9. Text in, logits out
 
 With the real checkpoint, put the release's `tokenizer.model` next to `ckpt-0/` (or pass `tokenizer=`), then
@@ -211,22 +223,20 @@ print("exit status", job.returncode, job.stderr[-500:])
 two = study.load(runs / "two_processes.npz")
 print("2 processes == 1 process, bit for bit:", two.same_as(one), f"({two.routing.n_tokens:,} tokens)")"""),
     ("md", """
-### The study's results in the load dashboard's and routing views' figures
+### The study's results in the load dashboard
 
-`result.routing` is a `RoutingStats`: its load shares, co-activation counts, consecutive-token counts and
-first-choice flows go straight into the figures the `ExpertLoadDashboard` and `RoutingFlow` draw for one batch,
-here for the whole dataset."""),
+`result.routing` is a `RoutingStats`. `ExpertLoadDashboard.from_stats` opens the load dashboard on it: the same
+plots and controls as for one batch (load share per layer, one layer's bars against uniform, co-activation,
+consecutive-token rates against random routing), here from the exact counts of the whole dataset. The
+first-choice flows between layers go into the routing views' Sankey figure."""),
     ("code", """
+from grokviz.viz import ExpertLoadDashboard
 from grokviz.viz import load_figures as LF
-from grokviz.analysis import routing as R
 
 st = study.load(runs / "tiny_validation.npz").routing
 layer = 1
-rates = st.consecutive_rates()
-LF.load_share_heatmap(st.load_share(), "Expert load share per layer (dataset)").show()
-LF.coactivation_heatmap(st.coactivation[layer], layer, st.top_k).show()
-LF.consecutive_rates(np.arange(len(st.load)), rates["first_repeat"], rates["topk_overlap"],
-                     R.consecutive_baselines(st.num_experts, st.top_k)).show()
+ExpertLoadDashboard.from_stats(st, cfg=gv.load("tiny", progress=False).cfg, layer=layer)"""),
+    ("code", """
 LF.routing_sankey(list(st.flow)).show()"""),
     ("code", """
 st.top_tokens(k=5).head(8)"""),
@@ -234,7 +244,7 @@ st.top_tokens(k=5).head(8)"""),
 Next to the dataset-level figures, the interactive views show one document token by token: which experts it
 uses, and whether the dataset's busiest expert at that layer dominates it too."""),
     ("code", """
-from grokviz.viz import ExpertLoadDashboard, RoutingExplorer
+from grokviz.viz import RoutingExplorer
 
 tiny = gv.load("tiny", progress=False)
 doc = study.load_spec(spec_path).documents()[0]["text"][:300]
@@ -258,9 +268,12 @@ process 0 writes); `grokviz.distributed.initialize()` finds the job from the env
 
 A process that dies takes the job down within about twice the heartbeat timeout (`GROKVIZ_HEARTBEAT_S`, default
 10 s); rerun the same command (with as many processes as are available) and it resumes from the progress file.
-For a model larger than one host, `grokviz.distributed.sharded.load_converted(path,
-grokviz.distributed.global_mesh((hosts, devices)))` reads on each host only the bytes of its own devices' shards,
-and `grokviz inspect --plan grok-1 --hosts 2 --devices 8` gives the memory per device and per host."""),
+For a model larger than one host, add `mesh = [data, model]` to the spec (`data * model` = every device of every
+process): the model is then placed on that mesh by `grokviz.distributed.sharded.load` (release pickles, converted
+safetensors or a Hugging Face folder, MXFP4 included), each host reading only the bytes of its own devices' shards,
+and every batch runs on the whole mesh. The counts are those of the one-process run. In code:
+`model, reads = grokviz.distributed.sharded.load(path, grokviz.distributed.global_mesh((hosts, devices)))`;
+`grokviz inspect --plan grok-1 --hosts 2 --devices 8` gives the memory per device and per host."""),
 ]
 
 

@@ -90,9 +90,50 @@ class ExpertLoadDashboard(View):
         if phase not in self.phases:
             raise ValueError(f"phase={phase!r} must be one of {list(self.phases)}"
                              f"{'' if self.generation else ' (a Run has no prefill/decode split)'}")
-        E = cfg.num_experts
-        self.baselines = ra.consecutive_baselines(E, cfg.top_k)
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self._phase_stats(phase)
+        self._build(layer, top, order, phase, width)
+
+    @classmethod
+    def from_stats(cls, stats, *, cfg=None, layer: int | None = None, top: int = 0, order: str | None = None,
+                   width: int = COLUMN_WIDTH) -> ExpertLoadDashboard:
+        """The dashboard of a dataset's :class:`~grokviz.analysis.dataset.RoutingStats` (what
+        :func:`grokviz.analysis.routing_stats` returns, or a study's ``grokviz.study.load(path).routing``) instead
+        of one batch: the same plots and controls, from the stats' exact counts (load, co-activation,
+        consecutive-token counts). Its rows are the model's MoE layers in order; give the model's ``cfg`` to number
+        them as the model does when some layers are dense (default: layers 0 .. rows - 1)."""
+        load = np.asarray(getattr(stats, "load", None)) if hasattr(stats, "load") else None
+        if load is None or load.ndim != 2 or not hasattr(stats, "coactivation") or not hasattr(stats, "consecutive"):
+            raise ValueError(f"from_stats needs a RoutingStats (grokviz.analysis.routing_stats, or "
+                             f"grokviz.study.load(path).routing), got {type(stats).__name__}")
+        n_rows, E = load.shape
+        if E != stats.num_experts or stats.coactivation.shape != (n_rows, E, E):
+            raise ValueError(f"RoutingStats with load {load.shape} and co-activation {stats.coactivation.shape} "
+                             f"for {stats.num_experts} experts: inconsistent")
+        self = cls.__new__(cls)
+        self.generation, self.cfg = False, cfg
+        if cfg is None:
+            self.layers, self.num_layers = list(range(n_rows)), n_rows
+        else:
+            moe = [int(x) for x in cfg.moe_layer_ids]
+            if n_rows not in (len(moe), cfg.num_layers) or cfg.num_experts != E:
+                raise ValueError(f"the stats have {n_rows} layers x {E} experts but cfg {cfg.name!r} has "
+                                 f"{len(moe)} MoE layers x {cfg.num_experts} experts")
+            self.layers = moe if n_rows == len(moe) else list(range(n_rows))
+            self.num_layers = cfg.num_layers
+        self.num_experts, self.top_k = E, int(stats.top_k)
+        self.phases = {"both": None}
+        self.n_tokens = int(stats.n_tokens)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.share = load / load.sum(axis=1, keepdims=True)   # as ra.load_share: nan for a layer without tokens
+        self.coact = np.asarray(stats.coactivation)
+        self.rates = stats.consecutive_rates()
+        self._build(layer, top, order, "both", width)
+        return self
+
+    def _build(self, layer, top, order, phase, width) -> None:
+        E = self.num_experts
+        self.baselines = ra.consecutive_baselines(E, self.top_k)
         layer = check_moe_layer("layer", self.layers[0] if layer is None else layer, self.layers, self.num_layers)
         choices = [t for t in TOP_CHOICES if t < E]
         if top and top not in choices:
@@ -134,7 +175,7 @@ class ExpertLoadDashboard(View):
                              layout=W.Layout(flex_flow="row wrap")), *rows], "gv-load-dashboard", width)
 
     def _phase_stats(self, phase: str) -> None:
-        E = self.cfg.num_experts
+        E = self.num_experts
         experts, real = self.phases[phase]
         self.n_tokens = int(real.sum())
         self.share = ra.load_share(experts, real, E)          # [moe layer, expert]
@@ -179,7 +220,7 @@ class ExpertLoadDashboard(View):
 
     def _coact(self):
         l = self.state.layer
-        return F.coactivation_heatmap(self.coact[self.layers.index(l)], l, self.cfg.top_k, order=self.state.order,
+        return F.coactivation_heatmap(self.coact[self.layers.index(l)], l, self.top_k, order=self.state.order,
                                       top=self.state.top or None)
 
     def __repr__(self):
