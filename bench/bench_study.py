@@ -4,6 +4,9 @@
 
     bash scripts/env.sh .venv/bin/python bench/bench_study.py [--docs 96] [--hf-python /work/bench-venv/bin/python]
 
+A third grokviz row runs the same spec with ``mesh = [1, 2]``: the model's model axis over both processes, each
+reading only its shards (``grokviz.distributed.sharded``), every batch run by both together.
+
 Data: ``--docs`` rows of 128 random token ids (seed 0) in one ``.npy`` file, batches of 8 (the study spec's
 ``files`` dataset), so both sides see the same token batches. grokviz: the bundled tiny model (d_model 128,
 4 layers, 4 q / 2 kv heads of 32, 8 experts top-2, expert FFN 176), collecting routing + top_tokens (expert load,
@@ -30,6 +33,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH, SEQ, VOCAB = 8, 128, 4096
@@ -95,12 +101,13 @@ def write_data(d: Path, docs: int) -> Path:
     return d / "ids.npy"
 
 
-def grokviz_job(d: Path, n: int, rounds: int) -> dict:
+def grokviz_job(d: Path, n: int, rounds: int, mesh: list | None = None) -> dict:
     nb = len(__import__("numpy").load(d / "ids.npy")) // BATCH
-    spec = d / f"study_{n}.json"
-    spec.write_text(json.dumps({"model": "tiny", "output": str(d / f"res_{n}.npz"), "batch_size": BATCH,
+    tag = f"{n}{'_mesh' if mesh else ''}"
+    spec = d / f"study_{tag}.json"
+    spec.write_text(json.dumps({"model": "tiny", "output": str(d / f"res_{tag}.npz"), "batch_size": BATCH,
                                 "max_len": SEQ, "batches_per_round": max(nb // rounds, 1),
-                                "dataset": {"files": [str(d / "ids.npy")]}}))
+                                "dataset": {"files": [str(d / "ids.npy")]}, **({"mesh": mesh} if mesh else {})}))
     cmd = [sys.executable, "-m", "grokviz.cli", "launch", "-n", str(n), "--cpus-per-process", "1", "--",
            "grokviz", "study", str(spec)]
     t = time.perf_counter()
@@ -110,9 +117,25 @@ def grokviz_job(d: Path, n: int, rounds: int) -> dict:
         raise SystemExit(f"grokviz study failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     rounds_done = [(int(b), float(s)) for b, s in re.findall(r"\((\d+)/\d+ batches, ([\d.]+) s\)", p.stdout)]
     tokens = int(re.search(r"([\d,]+) tokens; wrote", p.stdout).group(1).replace(",", ""))
+    if len(rounds_done) < 2:
+        raise SystemExit(f"grokviz study logged {len(rounds_done)} round(s); give more --docs or --rounds")
     (b0, t0), (b1, t1) = rounds_done[0], rounds_done[-1]
     per_batch = tokens / b1
-    return {"tokens": tokens, "steady_tok_s": (b1 - b0) * per_batch / (t1 - t0), "job_s": job}
+    return {"tokens": tokens, "steady_tok_s": (b1 - b0) * per_batch / (t1 - t0), "job_s": job,
+            "results": d / f"res_{tag}.npz"}
+
+
+def gemm_gflops() -> float:
+    """The harness's fp32 2048^3 GEMM in this process (median of 5), for the CPU line."""
+    import numpy as np
+
+    f = H.gemm_ref_fn("jax")
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return f.flop / float(np.median(ts)) / 1e9
 
 
 def main():
@@ -128,6 +151,15 @@ def main():
         for n in (1, 2):
             r = grokviz_job(d, n, args.rounds)
             rows.append((f"grokviz study, {n} process{'es' if n > 1 else ''} x 1 core", r))
+        r = grokviz_job(d, 2, args.rounds, mesh=[1, 2])  # the model over both processes, read shard by shard
+        rows.append(("grokviz study, 2 processes, mesh [1, 2]", r))
+        from grokviz import study
+
+        ref = study.load(rows[0][1]["results"])
+        same = [study.load(r["results"]).same_as(ref) for _, r in rows[1:]]
+        counts = study.load(rows[2][1]["results"]).routing.load
+        print(f"2 processes == 1 process bit for bit: {same[0]}; mesh [1, 2] counts == 1 process: "
+              f"{bool((counts == ref.routing.load).all())}")
         if Path(args.hf_python).exists():
             cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), args.hf_python, "-c", HF_WORKER,
                    str(d / "ids.npy"), str(BATCH)]
@@ -142,6 +174,7 @@ def main():
         else:
             print(f"HF row left out: no {args.hf_python}")
     load = os.getloadavg()[0]
+    print(H.cpu_line(gemm_gflops()))
     print(f"routing study, tiny config, {args.docs} x {SEQ} tokens, batch {BATCH}; load average {load:.1f} on "
           f"{os.cpu_count()} cores (quiet machine needed for quotable numbers)")
     print(f"{'':44}{'tokens':>9}{'steady tok/s':>15}{'job s':>9}")
