@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import grokviz as gv
-from grokviz.checkpoint.release import CheckpointError, dequantize_np, read_tensor
-from grokviz.checkpoint.release_shards import ReadCounter, read_block, read_layout
+from grokviz.checkpoint.release import CheckpointError, dequantize_np, read_layout, read_tensor
+from grokviz.checkpoint.release_shards import ReadCounter, read_block
 from grokviz.distributed import sharded
 from grokviz.params import Int8Weight
 from grokviz.sharding import make_mesh

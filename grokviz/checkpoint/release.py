@@ -30,6 +30,7 @@ import numpy as np
 from ..config import GrokConfig
 from ..params import Int8Weight, shapes_dict
 from .names import reference_paths
+from .release_shards import _CountingFile, _unpickle_layout
 from .safe_pickle import ArrayLayout, QuantizedRecord, check_layout, unpickle
 from .safe_pickle import CheckpointError as CheckpointError
 from .safe_pickle import RestrictedUnpickler as RestrictedUnpickler  # re-exported: the allow-listed unpickler
@@ -83,6 +84,36 @@ def read_tensor(path: str | os.PathLike, param: str | None = None):
     """
     obj, label = _unpickled(Path(path), param, unpickle)
     return checked_value(obj, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One release file's tensor: ``value`` (an ArrayLayout / ndarray, or an Int8Weight of two), the file, and the
+    bytes the parse read (opcodes and short payloads)."""
+
+    value: object
+    file: Path
+    header_bytes: int
+
+    @property
+    def shape(self):
+        return tuple(self.value.shape)
+
+
+def read_layout(path, param: str | None = None) -> Layout:
+    """:func:`read_tensor` without reading the payloads (:mod:`.release_shards`): the same checks and errors, and
+    :class:`~.safe_pickle.ArrayLayout` records (shape, dtype, file offset) instead of arrays."""
+    path = Path(path)
+    counted = {}
+
+    def load(f, label):
+        counter = _CountingFile(f)
+        out = _unpickle_layout(counter, label)
+        counted["n"] = counter.n
+        return out
+
+    obj, label = _unpickled(path, param, load, buffering=0)  # unbuffered: no read-ahead into the payloads
+    return Layout(checked_value(obj, label), path, counted["n"])
 
 
 def checked_value(obj, label: str):
@@ -254,8 +285,6 @@ def infer_release_shapes(path, *, host: int = 0) -> dict:
     pre = "transformer/decoder_layer_0/"
 
     def shape(ref, ndim):  # from the pickle's opcodes only: the payloads are not read
-        from .release_shards import read_layout
-
         file = files[by_path[ref]]
         got = read_layout(file, ref).shape
         if len(got) != ndim:

@@ -1,12 +1,13 @@
 """The release's tensor files read one shard at a time: where each array's bytes are, then only the ranges a shard
 needs.
 
-:func:`read_layout` is :func:`~.release.read_tensor` without the payloads: the same opcode pre-scan (seeking over
-every ``BINBYTES``/``BINBYTES8`` payload instead of reading it), the same inert globals and canonical-state sketches,
-the same checks of dtypes, layouts and scales (:func:`~.release.checked_value`), so a file the whole loader refuses
-is refused here with the same error. It returns :class:`~.safe_pickle.ArrayLayout` records (shape, dtype, file
-offset of the raw C-ordered payload) instead of arrays, or an :class:`~grokviz.params.Int8Weight` of two. Payloads
-short enough for ``SHORT_BINBYTES`` (< 256 bytes) are read with the opcodes and kept in memory.
+:func:`.release.read_layout` is :func:`~.release.read_tensor` without the payloads, through this module's
+reader: the same opcode pre-scan (seeking over every ``BINBYTES``/``BINBYTES8`` payload instead of reading it), the
+same inert globals and canonical-state sketches, the same checks of dtypes, layouts and scales
+(:func:`~.release.checked_value`), so a file the whole loader refuses is refused with the same error. It returns
+:class:`~.safe_pickle.ArrayLayout` records (shape, dtype, file offset of the raw C-ordered payload) instead of
+arrays, or an :class:`~grokviz.params.Int8Weight` of two. Payloads short enough for ``SHORT_BINBYTES`` (< 256
+bytes) are read with the opcodes and kept in memory.
 
 The unpickler is the standard library's pure-Python one with this module's own dispatch table (a copy: the
 standard one is never changed): ``FRAME`` only groups the opcodes that follow, so the opcodes are read straight from
@@ -24,7 +25,6 @@ import math
 import os
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from .safe_pickle import (
     scan_pickle,
 )
 
-__all__ = ["Layout", "read_layout", "read_block", "ReadCounter"]
+__all__ = ["read_block", "layout_block", "ReadCounter"]
 
 
 @dataclasses.dataclass
@@ -98,37 +98,6 @@ def _unpickle_layout(f, label: str):
         return obj
     raise CheckpointError(f"{label}: the pickled object is a {type(obj).__name__}, expected a numpy array or a "
                           f"QuantizedWeight8bit")
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """One release file's tensor: ``value`` (an ArrayLayout / ndarray, or an Int8Weight of two), the file, and the
-    bytes the parse read (opcodes and short payloads)."""
-
-    value: object
-    file: Path
-    header_bytes: int
-
-    @property
-    def shape(self):
-        return tuple(self.value.shape)
-
-
-def read_layout(path, param: str | None = None) -> Layout:
-    """The checked layout of one release file (see the module docstring); errors as :func:`~.release.read_tensor`."""
-    from .release import _unpickled, checked_value
-
-    path = Path(path)
-    counted = {}
-
-    def load(f, label):
-        counter = _CountingFile(f)
-        out = _unpickle_layout(counter, label)
-        counted["n"] = counter.n
-        return out
-
-    obj, label = _unpickled(path, param, load, buffering=0)  # unbuffered: no read-ahead into the payloads
-    return Layout(checked_value(obj, label), path, counted["n"])
 
 
 class _CountingFile:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sharded import _Reader, from_blocks
+from .shard_io import _Reader, from_blocks
 
 PAIRED = ("even", "odd")
 

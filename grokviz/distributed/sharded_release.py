@@ -2,7 +2,7 @@
 
 Every process validates the directory as :func:`grokviz.load` does (:func:`~grokviz.checkpoint.release.scan_release`:
 file set and sizes) and parses every file's pickle without reading its payloads
-(:func:`~grokviz.checkpoint.release_shards.read_layout`: the whole loader's opcode pre-scan, inert globals and
+(:func:`~grokviz.checkpoint.release.read_layout`: the whole loader's opcode pre-scan, inert globals and
 checks, so a truncated, corrupt or hostile file is refused with the same error and nothing in it is executed), which
 gives each array's shape, dtype and file offset. Every leaf is then placed with ``jax.make_array_from_callback``
 (:func:`.sharded.from_blocks`) on the partition specs of :mod:`grokviz.sharding`; a device's block is read with one
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .sharded import ReadStats, from_blocks
+from .shard_io import ReadStats, from_blocks
 
 
 def _kind(value):
@@ -80,7 +80,8 @@ def load_release(path, mesh, *, config=None, dtype=np.float32, quantized: bool =
     from ..checkpoint import release as rl
     from ..checkpoint.config_io import resolve_release_config
     from ..checkpoint.converted import find_sibling_tokenizer, leaf_layers
-    from ..checkpoint.release_shards import ReadCounter, layout_block, read_layout
+    from ..checkpoint.release import read_layout
+    from ..checkpoint.release_shards import ReadCounter, layout_block
     from ..params import Int8Weight, shapes_dict
     from ..sharding import TOP_LEVEL, base_spec, fit_spec
 
