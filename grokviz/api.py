@@ -227,6 +227,7 @@ class Model:
                     k: (pad_seq(k, v, width), np.pad(np.asarray(m), [(0, 0)] * (np.ndim(m) - 1) + [(0, width - t)]))
                     for k, (v, m) in interventions.patches.items()})
         length = jnp.int32(t) if bucket else None  # always given when bucketing, so the pytree never changes
+        attn_impl = resolve_impl(attn_impl)  # compiled under the resolved name, as Run records it (one program)
         out = forward_jit(self.params, jnp.asarray(padded), run_iv, length, cfg=cfg, capture=capture,
                           expert_impl=expert_impl, unroll=unroll,
                           callbacks=tuple(sorted((callbacks or {}).items())), attn_spec=attention,
