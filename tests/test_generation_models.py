@@ -28,10 +28,11 @@ def tiny_batch(tiny):
 
 
 def tolerance(res):
-    """fp32 tolerance for cached vs full-forward logits: 1e-6 of the largest |logit| + 1e-6. The tiny model's
+    """fp32 tolerance for cached vs full-forward logits: 2e-6 of the largest |logit| + 1e-6. The tiny model's
     logits reach 18, where two full forwards of the same tokens at different shapes (bucketed or not, padded or
-    not) already differ by up to 2.3e-5; on the golden model (|logits| <= 2.3) this is tighter than 1e-5."""
-    return 1e-6 * float(np.abs(res.logits).max()) + 1e-6
+    not) already differ by up to 2.3e-5 (the fused attention kernel, which prefill uses, rounds differently from
+    the decode steps' form: 1.9e-5 measured); on the golden model (|logits| <= 2.3) this is tighter than 1e-5."""
+    return 2e-6 * float(np.abs(res.logits).max()) + 1e-6
 
 
 def cached_vs_full(model, res):
