@@ -13,10 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _attention_cases import CORE_CFGS as CFGS
+from _attention_cases import core_case as _core_case
+from _attention_cases import grad_rel_to_reference, reference_and
+from _attention_cases import rel as _rel
+from _attention_cases import tokens as _tokens
 
 import grokviz as gv
 from grokviz import kernels
-from grokviz.families import preset
 from grokviz.kernels import build as B
 from grokviz.kernels.fused import attend_fused
 from grokviz.model import KVCache, forward
@@ -26,53 +30,6 @@ HF = os.path.join(os.path.dirname(__file__), "data", "hf")
 
 if not kernels.available():
     pytest.skip(f"the fused attention kernel is unavailable here: {kernels.reason()}", allow_module_level=True)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _tokens(cfg, b, t, seed=0):
-    toks = np.random.default_rng(seed).integers(3, cfg.vocab_size, (b, t)).astype(np.int32)
-    toks[0, :5] = cfg.pad_token       # left padding: queries with no allowed key
-    toks[-1, t - 3:] = cfg.pad_token  # right padding
-    return toks
-
-
-CFGS = {
-    "grok": lambda: gv.GrokConfig.golden(),  # 30 * tanh soft cap
-    "gpt_oss": lambda: preset("gpt_oss", vocab_size=96, d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2,
-                              head_dim=8, ffn=24, num_experts=4, top_k=2, sequence_len=64, pad_token=0,
-                              sliding_window=5, layer_types=("sliding", "full")),
-}
-
-
-def _core_case(cfg, t=21, s=None, seed=0):
-    """q [b kv g t d], k, v [b s kv d] and the mask: padding and a bucket length (s == t), or a chunk of t queries
-    at slots s - t .. s - 1 of a buffer of s (causal over the buffer, a few slots not real)."""
-    b, kv, g, d = 2, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    s = s or t
-    r = np.random.default_rng(seed)
-    qg = jnp.asarray(3 * r.standard_normal((b, kv, g, t, d)), jnp.float32)
-    k = jnp.asarray(3 * r.standard_normal((b, s, kv, d)), jnp.float32)
-    v = jnp.asarray(r.standard_normal((b, s, kv, d)), jnp.float32)
-    if s == t:
-        toks = jnp.asarray(_tokens(cfg, b, t, seed))
-        allowed, fill = A.attention_mask(toks, cfg.pad_token, length=jnp.int32(t - 2))
-        pos = A.positions_of(toks, cfg)
-        k_pos = pos
-    else:
-        real = np.ones((b, s), bool)
-        real[0, :3] = False
-        q_slot = np.arange(s - t, s)
-        allowed = jnp.asarray(real[:, None, None, :] & (np.arange(s)[None, :] <= q_slot[:, None])[None, None])
-        fill, pos, k_pos = jnp.float32(A.MASK_VALUE), jnp.broadcast_to(jnp.asarray(q_slot), (b, t)), \
-            jnp.broadcast_to(jnp.arange(s), (b, s))
-    if cfg.sliding_window:
-        allowed = A.window_allowed(allowed, pos, k_pos, cfg.sliding_window)
-    sinks = jnp.asarray(r.standard_normal((kv, g)), jnp.float32) if cfg.attn_sinks else None
-    return qg, k, v, (allowed, fill), sinks
 
 
 def _reference(qg, k, v, mask, cfg, sinks):
@@ -116,10 +73,7 @@ def test_bf16_inputs_and_vmap():
 
 
 def _both(params, toks, cfg, **kw):
-    out = {}
-    for impl in ("reference", "fused"):
-        out[impl] = jax.jit(functools.partial(forward, cfg=cfg, attn_impl=impl, **kw))(params, jnp.asarray(toks))
-    return out["reference"], out["fused"]
+    return reference_and("fused", params, toks, cfg, **kw)
 
 
 def test_golden_forward_fused_equals_reference(golden):
@@ -173,17 +127,7 @@ def test_captured_maps_equal_the_reference_and_leave_the_logits_unchanged(golden
 
 def test_gradients_through_the_fused_path(golden):
     cfg, params, _ = golden
-    toks = jnp.asarray(_tokens(cfg, 2, 13, seed=5))
-
-    def loss(w_q, impl):
-        p = {**params, "blocks": {**params["blocks"], "w_q": w_q}}
-        return jnp.sum(forward(p, toks, cfg, attn_impl=impl).logits ** 2)
-
-    w = params["blocks"]["w_q"]
-    g_ref = jax.jit(jax.grad(functools.partial(loss, impl="reference")))(w)
-    g_fused = jax.jit(jax.grad(functools.partial(loss, impl="fused")))(w)
-    assert np.abs(np.asarray(g_ref)).max() > 0
-    assert _rel(g_fused, g_ref) < 1e-5
+    assert grad_rel_to_reference(cfg, params, "fused") < 1e-5
 
 
 def test_auto_is_fused_here_and_the_run_records_it(golden_model):

@@ -11,51 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _attention_cases import CORE_CFGS, grad_rel_to_reference, reference_and
+from _attention_cases import core_case as _core_case
+from _attention_cases import rel as _rel
+from _attention_cases import tokens as _tokens
 
 import grokviz as gv
-from grokviz.families import preset
-from grokviz.model import forward
 from grokviz.model import tiled as T
 
 A = importlib.import_module("grokviz.model.attention")
 HF = os.path.join(os.path.dirname(__file__), "data", "hf")
 REDUCED = frozenset({"attn.entropy", "attn.top_keys", "attn.top_key_weights"})
-
-
-def _rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _tokens(cfg, b, t, seed=0):
-    toks = np.random.default_rng(seed).integers(3, cfg.vocab_size, (b, t)).astype(np.int32)
-    toks[0, :5] = cfg.pad_token       # left padding: queries with no allowed key
-    toks[-1, t - 3:] = cfg.pad_token  # right padding
-    return toks
-
-
-def _core_case(cfg, t=21, seed=0):
-    """Random q [b kv g t d], k, v, and the layer's mask for tokens with left/right padding and a bucket length."""
-    b, kv, g, d = 2, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    r = np.random.default_rng(seed)
-    qg = jnp.asarray(3 * r.standard_normal((b, kv, g, t, d)), jnp.float32)
-    k = jnp.asarray(3 * r.standard_normal((b, t, kv, d)), jnp.float32)
-    v = jnp.asarray(r.standard_normal((b, t, kv, d)), jnp.float32)
-    toks = jnp.asarray(_tokens(cfg, b, t, seed))
-    allowed, fill = A.attention_mask(toks, cfg.pad_token, length=jnp.int32(t - 2))
-    if cfg.sliding_window:
-        pos = A.positions_of(toks, cfg)
-        allowed = A.window_allowed(allowed, pos, pos, cfg.sliding_window)
-    sinks = jnp.asarray(r.standard_normal((kv, g)), jnp.float32) if cfg.attn_sinks else None
-    return qg, k, v, (allowed, fill), sinks
-
-
-CORE_CFGS = {
-    "grok": lambda: gv.GrokConfig.golden(),
-    "gpt_oss": lambda: preset("gpt_oss", vocab_size=96, d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2,
-                              head_dim=8, ffn=24, num_experts=4, top_k=2, sequence_len=64, pad_token=0,
-                              sliding_window=5, layer_types=("sliding", "full")),
-}
 
 
 @pytest.mark.parametrize("family", sorted(CORE_CFGS))
@@ -91,12 +57,7 @@ def _small_tiles(monkeypatch):
 
 
 def _both(params, toks, cfg, **kw):
-    """Logits (and cache) of one forward per implementation, each in a fresh jit (tile sizes read at trace)."""
-    out = {}
-    for impl in ("reference", "tiled"):
-        fn = jax.jit(functools.partial(forward, cfg=cfg, attn_impl=impl, **kw))
-        out[impl] = fn(params, jnp.asarray(toks))
-    return out["reference"], out["tiled"]
+    return reference_and("tiled", params, toks, cfg, **kw)
 
 
 def test_golden_forward_tiled_equals_reference(golden, monkeypatch):
@@ -124,18 +85,8 @@ def test_hf_family_forward_tiled_equals_reference(family, monkeypatch):
 
 def test_gradients_through_the_tiled_path(golden, monkeypatch):
     _small_tiles(monkeypatch)
-    cfg, params, z = golden
-    toks = jnp.asarray(_tokens(cfg, 2, 13, seed=5))
-
-    def loss(w_q, impl):
-        p = {**params, "blocks": {**params["blocks"], "w_q": w_q}}
-        return jnp.sum(forward(p, toks, cfg, attn_impl=impl).logits ** 2)
-
-    w = params["blocks"]["w_q"]
-    g_ref = jax.jit(jax.grad(functools.partial(loss, impl="reference")))(w)
-    g_tiled = jax.jit(jax.grad(functools.partial(loss, impl="tiled")))(w)
-    assert np.abs(np.asarray(g_ref)).max() > 0
-    assert _rel(g_tiled, g_ref) < 1e-5
+    cfg, params, _ = golden
+    assert grad_rel_to_reference(cfg, params, "tiled") < 1e-5
 
 
 def test_attn_impl_is_checked():
