@@ -308,15 +308,13 @@ def _side_qk(point, q, k, qg, k_roped, positions, cfg):
 
 
 def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False):
-    """:func:`grokviz.model.tiled.attend_tiled` (or, ``fused``, :func:`grokviz.kernels.fused.attend_fused`,
-    which also gives a captured ``attn.pattern`` from the same pass), with the reduced summaries recorded.
-    Captured logits and scores (and the pattern of the tiled form) and the chosen query rows of
-    ``attn.pattern_at`` (over all keys, as in the full map) are computed in the reference form beside it, from
-    ``side()`` = (queries, keys) of :func:`_side_qk`."""
+    """:func:`grokviz.model.tiled.attend_tiled` (or, ``fused``, :func:`grokviz.kernels.fused.attend_fused`), with
+    the reduced summaries recorded. Captured maps and the chosen query rows of ``attn.pattern_at`` (over all keys,
+    as in the full map) are computed in the reference form beside it, from ``side()`` = (queries, keys) of
+    :func:`_side_qk`."""
     want = {n for n in REDUCED if point.wants(n)}
     maps = [n for n in MAPS if point.wants(n)]
     online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
-    kernel_pattern = None
     if fused:
         # the kernel's own pattern (attend_fused(..., pattern=True)) is not used yet: maps of selected layers are
         # recomputed after the scan in the reference form and must equal captured ones bit for bit (test_hooks)
@@ -336,14 +334,10 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
             point(name, value)
     if not maps and "attn.pattern_at" not in want:
         return o
+    sq, sk = side()
     if maps:
-        values = {"attn.pattern": kernel_pattern}
-        if any(values.get(n) is None for n in maps):
-            sq, sk = side()
-            values = dict(zip(MAPS, (rearrange(a, "b kv g t s -> b (kv g) t s") for a in _probs(sq, sk, *mask,
-                                                                                                   cfg, sinks))))
-            if kernel_pattern is not None:
-                values["attn.pattern"] = kernel_pattern
+        values = dict(zip(MAPS, (rearrange(a, "b kv g t s -> b (kv g) t s") for a in _probs(sq, sk, *mask, cfg,
+                                                                                               sinks))))
         for name in maps:
             point(name, values[name])
         if "attn.pattern" in maps and want:
@@ -351,7 +345,6 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
     elif "attn.pattern_at" in want:
         allowed, fill = mask
         rows = jnp.asarray(spec.queries)
-        sq, sk = side()
         _, _, pat = _probs(sq[:, :, :, rows], sk, allowed[:, :, rows], fill, cfg, sinks)
         point("attn.pattern_at", rearrange(pat, "b kv g t s -> b (kv g) t s"))
     return o
