@@ -204,15 +204,23 @@ def _probs(qg, k, allowed, fill, cfg, sinks=None):
     return logits, scores, _masked_softmax(scores, allowed, fill, sinks)
 
 
-def attention_maps(p, x, mask, cfg, positions) -> dict:
+def attention_maps(p, x, mask, cfg, positions, spec=None) -> dict:
     """The full attention maps of one layer from its input x = attn.pre_norm: {'logits', 'scores', 'pattern'},
     each [batch, head, seq, kv_seq] — the same computation as inside :func:`attention` (used to give maps of
-    selected layers without keeping maps for every layer). ``mask``: this layer's (allowed, fill)."""
-    q, k, _ = project_qkv(p, x, cfg)
+    selected layers without keeping maps for every layer). ``mask``: this layer's (allowed, fill). Where the run's
+    ``spec`` resolved to the fused kernel, the pattern is the kernel's, as a capture inside the layer gives it
+    (logits and scores are always the reference form's; unused maps cost nothing under jit)."""
+    q, k, v = project_qkv(p, x, cfg)
     q, k = rope(q, positions, cfg.rope_base, cfg), rope(k, positions, cfg.rope_base, cfg)
     qg = rearrange(q, "b t (kv g) d -> b kv g t d", g=cfg.group_size)
-    out = _probs(qg, k, *mask, cfg, _sinks(p, cfg))
-    return {n: rearrange(a, "b kv g t s -> b (kv g) t s") for n, a in zip(("logits", "scores", "pattern"), out)}
+    sinks = _sinks(p, cfg)
+    out = _probs(qg, k, *mask, cfg, sinks)
+    maps = {n: rearrange(a, "b kv g t s -> b (kv g) t s") for n, a in zip(("logits", "scores", "pattern"), out)}
+    if spec is not None and _impl_of(spec) == "fused":
+        qg, k, v = jax.lax.optimization_barrier((qg, k, v))
+        maps["pattern"] = attend_fused(qg, k, v, mask, cfg, x.dtype, sinks, pattern=True)[1]
+    return maps
+
 
 
 def _attend_chunked(qg, k, v, mask, cfg, point, spec, dt, sinks=None):
@@ -315,13 +323,18 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
     want = {n for n in REDUCED if point.wants(n)}
     maps = [n for n in MAPS if point.wants(n)]
     online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
+    kernel_pattern = None
     if fused:
-        # the kernel's own pattern (attend_fused(..., pattern=True)) is not used yet: maps of selected layers are
-        # recomputed after the scan in the reference form and must equal captured ones bit for bit (test_hooks)
-        o = attend_fused(qg, k, v, mask, cfg, dt, sinks)
+        if "attn.pattern" in maps:
+            # one pass gives the output and the weights that made it (attention_maps recomputes selected layers
+            # after the scan with the same kernel, so those equal the maps captured here)
+            o, kernel_pattern = attend_fused(qg, k, v, mask, cfg, dt, sinks, pattern=True)
+        else:
+            o = attend_fused(qg, k, v, mask, cfg, dt, sinks)
         online = online & {"attn.entropy", "attn.top_keys", "attn.top_key_weights"}
-        # online summaries come from the tiled form beside the kernel, on side() copies (reading the kernel's own
-        # inputs changed their layout, and the logits by ~1e-6); the values do not enter them
+        # without a captured pattern, online summaries come from the tiled form beside the kernel, on side()
+        # copies (reading the kernel's own inputs changed their layout, and the logits by ~1e-6); the values do
+        # not enter them
         summaries = {}
         if online:
             sq, sk = side()
@@ -334,15 +347,20 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
             point(name, value)
     if not maps and "attn.pattern_at" not in want:
         return o
-    sq, sk = side()
     if maps:
-        values = dict(zip(MAPS, (rearrange(a, "b kv g t s -> b (kv g) t s") for a in _probs(sq, sk, *mask, cfg,
-                                                                                               sinks))))
+        values = {}
+        if kernel_pattern is not None:
+            values["attn.pattern"] = kernel_pattern
+        if any(n not in values for n in maps):
+            sq, sk = side()
+            values.update((n, rearrange(a, "b kv g t s -> b (kv g) t s")) for n, a in
+                          zip(MAPS, _probs(sq, sk, *mask, cfg, sinks)) if n in maps and n not in values)
         for name in maps:
             point(name, values[name])
         if "attn.pattern" in maps and want:
             _reductions(values["attn.pattern"], point, spec)
     elif "attn.pattern_at" in want:
+        sq, sk = side()
         allowed, fill = mask
         rows = jnp.asarray(spec.queries)
         _, _, pat = _probs(sq[:, :, :, rows], sk, allowed[:, :, rows], fill, cfg, sinks)

@@ -129,7 +129,7 @@ class MapBuffers:
             for i, l in enumerate(self.layers):
                 mask = masks.window if cfg.layer_is_sliding[l] else masks.full
                 maps.append(attention_maps(jax.tree_util.tree_map(lambda a, l=l: a[l], attn), inputs[i], mask, cfg,
-                                           masks.positions))
+                                           masks.positions, spec))
             for name in self.kept:
                 stacked[name] = jnp.stack([select_heads(name, m[name.rsplit(".", 1)[1]], spec) for m in maps])
         else:

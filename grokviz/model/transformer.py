@@ -271,7 +271,7 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
             kv_out.append(ys[1])
     stacked, layout = _join_segments(per_seg, cfg)
     if maps is not None:
-        stacked = maps.finish(bufs, stacked, params, masks, cfg, attn_spec)
+        stacked = maps.finish(bufs, stacked, params, masks, cfg, block_spec)
     layout = {**cache_layout(capture, attn_spec, cfg, layers), **layout}
     new_kv = None
     if kv is not None:
