@@ -3,6 +3,7 @@
 
 Variants (each in a fresh subprocess, so that VmHWM is its own; compile peak reported apart):
   plain        logits only
+  routing      routing hooks only (``grokviz.hooks.ROUTING_HOOKS``)
   long         routing hooks + the full attention pattern of ONE layer (``AttentionSpec(layers=(L-1,))``) +
                reduced summaries of every layer: ``attn.entropy`` [b,h,t], ``attn.top_keys`` /
                ``attn.top_key_weights`` [b,h,t,4], ``attn.pattern_at`` (the last query) [b,h,1,t]
@@ -26,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
-VARIANTS = ("plain", "long", "entropy_all")
+VARIANTS = ("plain", "routing", "long", "entropy_all")
 
 
 def spec_of(variant: str, cfg):
@@ -35,6 +36,8 @@ def spec_of(variant: str, cfg):
     reduced = ["blocks.attn.entropy", "blocks.attn.top_keys", "blocks.attn.top_key_weights"]
     if variant == "plain":
         return frozenset(), None
+    if variant == "routing":
+        return select(list(ROUTING_HOOKS)), None
     if variant == "long":
         return (select(list(ROUTING_HOOKS) + reduced + ["blocks.attn.pattern_at", "blocks.attn.pattern"]),
                 AttentionSpec(layers=(cfg.num_layers - 1,), queries=(-1,), top_keys=4))

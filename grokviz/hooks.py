@@ -202,13 +202,23 @@ class Point:
     fn(value, layer) -> value}; ``layer``: this layer's number (None outside the blocks).
     """
 
-    def __init__(self, selected=frozenset(), prefix="", patches=None, callbacks=None, layer=None):
+    def __init__(self, selected=frozenset(), prefix="", patches=None, callbacks=None, layer=None, targets=None):
         self.selected = selected
         self.prefix = prefix
         self.patches = patches or {}
         self.callbacks = callbacks or {}
         self.layer = layer
+        self.targets = targets or {}  # {full name: (buffer [layers, ...], slot)}: see target()
         self.values: dict = {}
+
+    def target(self, name: str):
+        """(buffer, slot) when the run keeps ``name`` of every layer in one buffer that the layer may write into
+        in place (then it records the updated buffer with :meth:`wrote`), else None."""
+        return self.targets.get(self.prefix + name)
+
+    def wrote(self, name: str, buffer):
+        """Record the whole buffer of :meth:`target`, with this layer's value written into its slot."""
+        self.values[self.prefix + name] = buffer
 
     def wants(self, name: str) -> bool:
         full = self.prefix + name

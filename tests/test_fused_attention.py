@@ -125,6 +125,58 @@ def test_captured_maps_equal_the_reference_and_leave_the_logits_unchanged(golden
         np.testing.assert_allclose(fused.cache[name], ref.cache[name], rtol=2e-5, atol=2e-6, err_msg=name)
 
 
+def test_pattern_written_in_place_into_a_maps_buffer():
+    cfg = CFGS["gpt_oss"]()  # sinks and a sliding window: rows that weigh less than 1, tiles skipped
+    qg, k, v, mask, sinks = _core_case(cfg, 21)
+    o, pat = attend_fused(qg, k, v, mask, cfg, jnp.float32, sinks, pattern=True)
+    maps = jnp.full((3, *pat.shape), 7.0, jnp.float32)
+    into = jax.jit(lambda m, s: attend_fused(qg, k, v, mask, cfg, jnp.float32, sinks, into=(m, s)))
+    o2, m2 = into(maps, 1)
+    np.testing.assert_array_equal(o2, o)
+    np.testing.assert_array_equal(m2[1], pat)  # every element of the slot written, skipped tiles included
+    assert np.all(np.asarray(m2)[[0, 2]] == 7.0)  # the other slots as they were
+    with pytest.raises(Exception, match="slot outside the maps buffer"):
+        into(maps, 3)
+    with pytest.raises(ValueError, match="must be float32"):
+        attend_fused(qg, k, v, mask, cfg, jnp.float32, sinks, into=(maps[:, :, :3], 0))
+
+    def loss(q, m, in_place):  # gradients: those of the pattern variant, and through the untouched slots
+        if in_place:
+            o, m = attend_fused(q, k, v, mask, cfg, jnp.float32, sinks, into=(m, 2))
+            return jnp.sum(o ** 2) + jnp.sum(m * m)
+        o, p = attend_fused(q, k, v, mask, cfg, jnp.float32, sinks, pattern=True)
+        return jnp.sum(o ** 2) + jnp.sum(p * p) + jnp.sum(m[:2] * m[:2])
+    g_in, g_out = (jax.grad(loss, argnums=(0, 1))(qg, maps, f) for f in (True, False))
+    np.testing.assert_allclose(g_in[0], g_out[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(g_in[1][2], 0.0)
+    np.testing.assert_array_equal(g_in[1][:2], g_out[1][:2])
+
+
+def test_every_layer_pattern_is_one_buffer_written_by_the_kernel(golden):
+    cfg, params, _ = golden
+    toks = jnp.asarray(_tokens(cfg, 2, 27, seed=9))
+    capture = frozenset({"blocks.attn.pattern", "blocks.attn.entropy", "blocks.attn.pattern_at"})
+    fn = jax.jit(functools.partial(forward, cfg=cfg, capture=capture, attn_impl="fused"))
+    hlo = fn.lower(params, toks).compile().as_text()
+    assert "grokviz_attention_into" in hlo and "grokviz_uninit" in hlo
+    fused = fn(params, toks)
+    unrolled = forward(params, toks, cfg, capture=capture, attn_impl="fused", unroll=True)
+    ref = forward(params, toks, cfg, capture=capture, attn_impl="reference")
+    np.testing.assert_array_equal(fused.logits, forward(params, toks, cfg, attn_impl="fused").logits)
+    for name in capture:
+        assert fused.cache[name].shape == ref.cache[name].shape
+        np.testing.assert_allclose(fused.cache[name], ref.cache[name], rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(fused.cache[name], unrolled.cache[name], rtol=2e-5, atol=2e-6, err_msg=name)
+    # a patch on the logits takes the reference path in every layer: the buffer is then filled per layer
+    patched = forward(params, toks, cfg, capture=capture, attn_impl="fused",
+                      callbacks={"blocks.attn.logits": lambda x, layer: x * 0.5})
+    ref = forward(params, toks, cfg, capture=capture, attn_impl="reference",
+                  callbacks={"blocks.attn.logits": lambda x, layer: x * 0.5})
+    np.testing.assert_allclose(patched.cache["blocks.attn.pattern"], ref.cache["blocks.attn.pattern"], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(patched.cache["blocks.attn.pattern"]) == 0,
+                                  np.asarray(ref.cache["blocks.attn.pattern"]) == 0)
+
+
 def test_gradients_through_the_fused_path(golden):
     cfg, params, _ = golden
     assert grad_rel_to_reference(cfg, params, "fused") < 1e-5

@@ -15,6 +15,9 @@
 //   sinks   [kv * g]           sink logits (read only when has_sinks)
 //   o       [b, t, kv, g, d]   the output
 //   pattern [b, kv * g, t, S]  the normalised weights (the "_pattern" target only)
+//   maps    [n, b, kv * g, t, S], slot [] (S32)  the "_into" target: the weights are written into maps[slot] of a
+//           buffer aliased to its output (a run's stacked per-layer maps), which it returns; every element of that
+//           slot is written, the other slots are left as they are
 //
 // A row with no allowed key is what the reference gives it: without sinks uniform over the valid keys (its
 // output the mean of their values), with sinks 0. Masked keys weigh exactly 0, as exp(-1e30 - m) does.
@@ -429,6 +432,31 @@ ffi::Error AttentionPatternImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   return ffi::Error::Success();
 }
 
+ffi::Error AttentionIntoImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::PRED> valid,
+                             ffi::Buffer<ffi::F32> sinks, ffi::Buffer<ffi::F32> maps, ffi::Buffer<ffi::S32> slot,
+                             ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> maps_out, float mult,
+                             float cap, int64_t has_sinks, int64_t tq, int64_t tk) {
+  ffi::Error err = check_dims(q, k, v, allowed, valid, sinks, tq, tk);
+  if (!err.success()) return err;
+  auto qd = q.dimensions(), md = maps.dimensions();
+  const int64_t S = k.dimensions()[1];
+  if (md.size() != 5 || md[1] != qd[0] || md[2] != qd[1] * qd[2] || md[3] != qd[3] || md[4] != S ||
+      slot.dimensions().size() != 0)
+    return ffi::Error::InvalidArgument("grokviz attention: maps must be [n, b, heads, t, S] and slot a scalar");
+  const int64_t n = md[0], at = slot.typed_data()[0];
+  if (at < 0 || at >= n) return ffi::Error::InvalidArgument("grokviz attention: slot outside the maps buffer");
+  float* out = maps_out->typed_data();
+  const int64_t per = md[1] * md[2] * md[3] * md[4];
+  if (out != maps.typed_data()) std::memcpy(out, maps.typed_data(), static_cast<size_t>(n * per) * sizeof(float));
+  Problem P = make_problem(q, k, v, allowed, valid, sinks, o->typed_data(), out + at * per, mult, cap, has_sinks,
+                           tq, tk);
+  run_all(P, &pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error UninitImpl(ffi::ResultBuffer<ffi::F32>) { return ffi::Error::Success(); }
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttention, AttentionImpl,
@@ -463,3 +491,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttentionPattern, AttentionPatternImpl,
                                   .Attr<int64_t>("has_sinks")
                                   .Attr<int64_t>("tq")
                                   .Attr<int64_t>("tk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttentionInto, AttentionIntoImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("mult")
+                                  .Attr<float>("cap")
+                                  .Attr<int64_t>("has_sinks")
+                                  .Attr<int64_t>("tq")
+                                  .Attr<int64_t>("tk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizUninit, UninitImpl, ffi::Ffi::Bind().Ret<ffi::Buffer<ffi::F32>>());

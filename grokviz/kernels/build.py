@@ -27,7 +27,8 @@ SOURCE = Path(__file__).with_name("attention.cc")
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 LIB_NAME = "grokviz_attention.so"
 #: FFI target name -> exported handler symbol in the library
-TARGETS = {"grokviz_attention": "GrokvizAttention", "grokviz_attention_pattern": "GrokvizAttentionPattern"}
+TARGETS = {"grokviz_attention": "GrokvizAttention", "grokviz_attention_pattern": "GrokvizAttentionPattern",
+           "grokviz_attention_into": "GrokvizAttentionInto", "grokviz_uninit": "GrokvizUninit"}
 COMPILE_TIMEOUT_S = 600
 
 _lock = threading.Lock()

@@ -21,7 +21,8 @@ from .tiled import TILE_K, attend_tiled
 #: attention implementations: "auto" (the default: "fused" where the compiled CPU kernel is available, else
 #: "tiled"), "fused" (grokviz.kernels: one pass over key tiles in C++ through jax.ffi), "tiled" (query x key
 #: tiles with an online softmax in pure JAX) and "reference" (the straightforward full-score form). All give the
-#: same result to fp32 rounding; logits and scores maps are always computed in the reference form.
+#: same result to fp32 rounding; logits and scores maps are always computed in the reference form, the pattern
+#: under "fused" by the kernel (docs/grok1.md#attention).
 ATTN_IMPLS = ("auto", "fused", "tiled", "reference")
 
 
@@ -317,15 +318,23 @@ def _side_qk(point, q, k, qg, k_roped, positions, cfg):
 
 def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False):
     """:func:`grokviz.model.tiled.attend_tiled` (or, ``fused``, :func:`grokviz.kernels.fused.attend_fused`), with
-    the reduced summaries recorded. Captured maps and the chosen query rows of ``attn.pattern_at`` (over all keys,
-    as in the full map) are computed in the reference form beside it, from ``side()`` = (queries, keys) of
-    :func:`_side_qk`."""
+    the reduced summaries recorded. Under ``fused`` a captured pattern is the kernel's (written into the run's
+    buffer of every layer when ``point.target`` gives one) and the reductions come from it. Other captured maps
+    and the chosen query rows of ``attn.pattern_at`` (over all keys, as in the full map) are computed in the
+    reference form beside it, from ``side()`` = (queries, keys) of :func:`_side_qk`."""
     want = {n for n in REDUCED if point.wants(n)}
     maps = [n for n in MAPS if point.wants(n)]
     online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
     kernel_pattern = None
     if fused:
-        if "attn.pattern" in maps:
+        target = point.target("attn.pattern") if "attn.pattern" in maps else None
+        if target is not None:  # the run's buffer of every layer's pattern: written in place, no copy
+            o, buf = attend_fused(qg, k, v, mask, cfg, dt, sinks, into=target)
+            point.wrote("attn.pattern", buf)
+            maps.remove("attn.pattern")
+            if want:
+                kernel_pattern = jax.lax.dynamic_index_in_dim(buf, target[1], 0, keepdims=False)
+        elif "attn.pattern" in maps:
             # one pass gives the output and the weights that made it (attention_maps recomputes selected layers
             # after the scan with the same kernel, so those equal the maps captured here)
             o, kernel_pattern = attend_fused(qg, k, v, mask, cfg, dt, sinks, pattern=True)
@@ -345,6 +354,9 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
     for name, value in summaries.items():
         if name in want:
             point(name, value)
+    if kernel_pattern is not None and want:
+        _reductions(kernel_pattern, point, spec)
+        want = set()
     if not maps and "attn.pattern_at" not in want:
         return o
     if maps:

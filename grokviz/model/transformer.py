@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import is_real
 from ..hooks import ROUTING_HOOKS, AttentionSpec, Point, select
+from ..kernels.fused import maps_buffer
 from ..params import DENSE_LEAVES, MOE_LEAVES, dense
 from .attention import MASK_VALUE, attention_mask, positions_of, window_allowed, with_impl, write_cache
 from .block import EXPERT_IMPLS, block
@@ -180,6 +181,10 @@ def split_layers(params, cfg) -> dict:
     return {**params, "blocks": layers}
 
 
+#: the hook kept for every layer in one carried buffer written in place (under the fused kernel)
+INPLACE_MAP = "blocks.attn.pattern"
+
+
 def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length=None, capture=frozenset(),
                interventions=None, patches=None, callbacks=None, expert_impl="sparse", unroll=False,
                attn_spec: AttentionSpec | None = None, kv: KVCache | None = None, attn_impl="auto") -> Blocks:
@@ -213,9 +218,15 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
             if static else None)
     body_capture = capture if maps is None else maps.body_capture(capture)
     sliding_of = jnp.asarray(cfg.layer_is_sliding)
+    # every layer's pattern under the fused kernel: one buffer in the carry that each layer's kernel writes into
+    inplace = INPLACE_MAP if (static and maps is None and kv is None and INPLACE_MAP in capture
+                              and INPLACE_MAP not in patches and INPLACE_MAP not in callbacks
+                              and (attn_spec is None or attn_spec.heads is None)
+                              and block_spec.impl == "fused") else None
 
-    def run_layer(p, h, iv, pt, layer, moe, kv_l):
-        point = Point(body_capture, prefix="blocks.", patches=pt, callbacks=callbacks, layer=layer)
+    def run_layer(p, h, iv, pt, layer, moe, kv_l, bufs):
+        targets = {} if inplace is None else {inplace: (bufs[inplace], layer - layers.start)}
+        point = Point(body_capture, prefix="blocks.", patches=pt, callbacks=callbacks, layer=layer, targets=targets)
         step = None if kv is None else kv.step
         return block(p, h, real, _layer_mask(masks, cfg, sliding_of[layer]), cfg, point, iv, expert_impl, block_spec,
                      moe=moe, positions=masks.positions, kv=None if kv is None else (*kv_l, step))
@@ -226,10 +237,15 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
             p, iv, pt, layer, kv_l = xs
             if not static:
                 skip = lambda h: h  # noqa: E731
-                return (jax.lax.cond(layer >= start_layer, lambda h: run_layer(p, h, iv, pt, layer, moe, kv_l)[0],
-                                     skip, h), bufs), ({}, None)
-            out = run_layer(p, h, iv, pt, layer, moe, kv_l)
+                return (jax.lax.cond(layer >= start_layer,
+                                     lambda h: run_layer(p, h, iv, pt, layer, moe, kv_l, bufs)[0], skip, h),
+                        bufs), ({}, None)
+            out = run_layer(p, h, iv, pt, layer, moe, kv_l, bufs)
             h, caps = out[0], out[1]
+            if inplace is not None:  # the layer wrote its slot (the kernel) or gave its value (any other path)
+                value = caps.pop(inplace)
+                bufs = {inplace: value if value.ndim == bufs[inplace].ndim else
+                        jax.lax.dynamic_update_index_in_dim(bufs[inplace], value, layer - layers.start, 0)}
             caps = {k: select_heads(k, v, attn_spec) for k, v in caps.items()}
             if maps is not None:
                 bufs = maps.write(bufs, caps, capture, layer)
@@ -237,6 +253,9 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
         return body
 
     bufs = {} if maps is None else maps.allocate(cfg, *tokens.shape, attn_spec, None if kv is None else kv.size)
+    if inplace is not None:
+        b, t = tokens.shape
+        bufs = {inplace: maps_buffer((len(layers), b, cfg.num_q_heads, t, t))}  # each layer writes its slot
     per_seg, kv_out = [], []
     split = isinstance(params["blocks"], tuple)  # per-layer params (split_layers)
     split_kv = kv is not None and isinstance(kv.k, tuple)  # per-layer cache buffers (KVCache.split)
@@ -270,6 +289,8 @@ def run_blocks(params, h, tokens, cfg, *, start_layer=0, stop_layer=None, length
         if kv is not None:
             kv_out.append(ys[1])
     stacked, layout = _join_segments(per_seg, cfg)
+    if inplace is not None:
+        stacked[inplace] = bufs[inplace]
     if maps is not None:
         stacked = maps.finish(bufs, stacked, params, masks, cfg, block_spec)
     layout = {**cache_layout(capture, attn_spec, cfg, layers), **layout}

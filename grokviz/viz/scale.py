@@ -125,25 +125,43 @@ def top_experts(score, top: int | None) -> np.ndarray:
     return np.argsort(-score, kind="stable")[:int(top)]
 
 
-def spectral_order(co) -> np.ndarray:
-    """An expert order that puts experts which are often selected together next to each other: experts sorted
-    by the Fiedler vector (second eigenvector) of the normalised Laplacian of the symmetrised co-activation
-    counts (diagonal = load, ignored). Unused experts go last, ties keep id order; the sign is fixed so the
-    order is deterministic."""
+def cluster_order(co) -> np.ndarray:
+    """An expert order that puts experts which are often selected together next to each other: average-linkage
+    agglomerative clustering of the symmetrised co-activation counts (diagonal = load, ignored), normalised as
+    a_ij / sqrt(d_i d_j) with d the row sums, whose leaves are read out in merge order; each merge joins the two
+    clusters of highest mean affinity and turns them so that the two most affine end experts meet. Unused experts
+    go last. Ties go to the lowest ids, so the order is the same on every machine (a spectral order by the
+    Fiedler vector was not: with equal-sized clusters that eigenvector is not unique, and LAPACK builds for
+    different CPUs returned different ones)."""
     co = np.asarray(co, np.float64)
     used = np.diag(co) > 0
-    a = (co + co.T) / 2
-    np.fill_diagonal(a, 0)
-    a = a[np.ix_(used, used)]
     idx = np.flatnonzero(used)
     if len(idx) > 2:
+        a = (co + co.T)[np.ix_(used, used)] / 2
+        np.fill_diagonal(a, 0)
         d = a.sum(1)
         inv = np.where(d > 0, 1 / np.sqrt(np.where(d > 0, d, 1)), 0)
-        lap = np.eye(len(idx)) - inv[:, None] * a * inv[None, :]
-        _, vecs = np.linalg.eigh(lap)
-        f = vecs[:, 1]
-        f = f * (1 if f[np.argmax(np.abs(f))] > 0 else -1)
-        idx = idx[np.argsort(np.round(f, 12), kind="stable")]
+        a = inv[:, None] * a * inv[None, :]
+        n = len(idx)
+        members = {i: [i] for i in range(n)}  # cluster id (its first leaf) -> leaves in order
+        link = a.copy()                     # mean affinity between clusters (rows/cols of live clusters)
+        np.fill_diagonal(link, -np.inf)
+        size = np.ones(n)
+        while len(members) > 1:
+            live = np.array(sorted(members))
+            sub = link[np.ix_(live, live)]
+            flat = int(np.argmax(sub))       # first maximum: lowest ids on ties
+            x, y = sorted((int(live[flat // len(live)]), int(live[flat % len(live)])))
+            A, B = members.pop(x), members.pop(y)
+            ends = {(False, False): a[A[-1], B[0]], (False, True): a[A[-1], B[-1]],
+                    (True, False): a[A[0], B[0]], (True, True): a[A[0], B[-1]]}
+            flip_a, flip_b = max(ends, key=lambda k: (ends[k], not k[0], not k[1]))
+            members[x] = (A[::-1] if flip_a else A) + (B[::-1] if flip_b else B)
+            link[x] = link[:, x] = (size[x] * link[x] + size[y] * link[y]) / (size[x] + size[y])
+            link[y] = link[:, y] = -np.inf
+            link[x, x] = -np.inf
+            size[x] += size[y]
+        idx = idx[members[min(members)]]
     return np.concatenate([idx, np.flatnonzero(~used)]).astype(int)
 
 
@@ -152,7 +170,7 @@ ORDERS = ("id", "load", "cluster")
 
 def expert_order(co, how: str = "id", top: int | None = None) -> np.ndarray:
     """Experts to show, in order, from [E, E] co-activation counts (diagonal = load): ``top`` busiest (all when
-    None), ordered by ``how``: "id", "load" (busiest first) or "cluster" (:func:`spectral_order`)."""
+    None), ordered by ``how``: "id", "load" (busiest first) or "cluster" (:func:`cluster_order`)."""
     if how not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {how!r}")
     co = np.asarray(co, np.float64)
@@ -162,7 +180,7 @@ def expert_order(co, how: str = "id", top: int | None = None) -> np.ndarray:
         return keep[np.argsort(-load[keep], kind="stable")]
     keep = np.sort(keep)
     if how == "cluster":
-        return keep[spectral_order(co[np.ix_(keep, keep)])]
+        return keep[cluster_order(co[np.ix_(keep, keep)])]
     return keep
 
 
