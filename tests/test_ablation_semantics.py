@@ -160,7 +160,9 @@ def test_sweep_modes_by_name(tiny):
     ref = P.separate_ablation_sums(model, toks, mode="swap", layers=[1], swap_to=0)
     np.testing.assert_allclose(swap["nll"], ref["nll"], rtol=1e-5)
     np.testing.assert_allclose(swap["kl"], ref["kl"], atol=1e-5)
-    assert swap["kl"][0] < 1e-6 < swap["kl"].max()                # expert 0 swapped to itself: no change
+    # expert 0 swapped to itself: no change (the batched sweep's summed KL is fp32 noise there: -9.5e-7 with the
+    # kernel's earlier tanh, +1.9e-6 with its rational tanh, measured; the separate runs give exactly 0)
+    assert abs(swap["kl"][0]) < 1e-5 < swap["kl"].max()
     df = P.sums_to_frame(P.ablation_sums(model, toks, mode="swap", layers=[2]), "expert")
     assert list(df["to"]) == [(e + 1) % 8 for e in range(8)] and list(df.columns[:3]) == ["layer", "expert", "to"]
     with pytest.raises(ValueError, match="swap_to must be"):
