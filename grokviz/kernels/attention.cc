@@ -32,6 +32,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__)
@@ -457,58 +458,41 @@ ffi::Error AttentionIntoImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
 
 ffi::Error UninitImpl(ffi::ResultBuffer<ffi::F32>) { return ffi::Error::Success(); }
 
+// The bindings every attention target shares: the thread pool and q, k, v, allowed, valid, sinks in front, the
+// attributes last (the "_into" target's extra inputs and the results go between, in the handlers' order).
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::PRED>>()
+      .Arg<ffi::Buffer<ffi::PRED>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
+template <typename B>
+auto WithAttrs(B b) {
+  return std::move(b)  // the binder's methods take it as an rvalue
+      .template Attr<float>("mult")
+      .template Attr<float>("cap")
+      .template Attr<int64_t>("has_sinks")
+      .template Attr<int64_t>("tq")
+      .template Attr<int64_t>("tk");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttention, AttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("mult")
-                                  .Attr<float>("cap")
-                                  .Attr<int64_t>("has_sinks")
-                                  .Attr<int64_t>("tq")
-                                  .Attr<int64_t>("tk"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttention, AttentionImpl, WithAttrs(BindInputs().Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttentionPattern, AttentionPatternImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("mult")
-                                  .Attr<float>("cap")
-                                  .Attr<int64_t>("has_sinks")
-                                  .Attr<int64_t>("tq")
-                                  .Attr<int64_t>("tk"));
+                              WithAttrs(BindInputs().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizAttentionInto, AttentionIntoImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("mult")
-                                  .Attr<float>("cap")
-                                  .Attr<int64_t>("has_sinks")
-                                  .Attr<int64_t>("tq")
-                                  .Attr<int64_t>("tk"));
+                              WithAttrs(BindInputs()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::Buffer<ffi::S32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokvizUninit, UninitImpl, ffi::Ffi::Bind().Ret<ffi::Buffer<ffi::F32>>());
