@@ -92,3 +92,23 @@ def test_gradients_through_the_tiled_path(golden, monkeypatch):
 def test_attn_impl_is_checked():
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         A.with_impl(None, "flash")
+
+
+@pytest.mark.parametrize("impl", ["tiled", "fused"])
+def test_captured_maps_and_summaries_in_any_combination(golden, impl):
+    """Every requested map and summary is recorded, whichever of them come together (logits with the chosen
+    query rows but without the pattern was once dropped by the fast paths), and equals the reference's."""
+    if impl == "fused" and A.resolve_impl("fused") != "fused":
+        pytest.skip("the fused attention kernel is unavailable here")
+    cfg, params, _ = golden
+    toks = _tokens(cfg, 2, 27, seed=10)
+    spec = gv.AttentionSpec(queries=(3, -1), top_keys=2)
+    for names in (("logits", "pattern_at"), ("scores", "entropy", "top_keys"), ("pattern", "pattern_at", "entropy"),
+                  ("logits", "pattern", "top_key_weights")):
+        capture = frozenset(f"blocks.attn.{n}" for n in names)
+        ref, fast = reference_and(impl, params, toks, cfg, capture=capture, attn_spec=spec)
+        assert set(fast.cache.keys()) == set(ref.cache.keys()) == capture, names
+        for name in capture - {"blocks.attn.top_keys"}:
+            want = np.asarray(ref.cache[name])  # logits and scores: q and k from another fusion, ~1e-6 of the largest
+            atol = 2e-6 * max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(fast.cache[name], want, rtol=2e-5, atol=atol, err_msg=name)

@@ -325,6 +325,7 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
     want = {n for n in REDUCED if point.wants(n)}
     maps = [n for n in MAPS if point.wants(n)]
     online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
+    side = functools.cache(side)  # one copy of the queries and keys for everything computed beside
     kernel_pattern = None
     if fused:
         target = point.target("attn.pattern") if "attn.pattern" in maps else None
@@ -354,24 +355,19 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
     for name, value in summaries.items():
         if name in want:
             point(name, value)
-    if kernel_pattern is not None and want:
-        _reductions(kernel_pattern, point, spec)
-        want = set()
-    if not maps and "attn.pattern_at" not in want:
+    if not maps and kernel_pattern is None and "attn.pattern_at" not in want:
         return o
-    if maps:
-        values = {}
-        if kernel_pattern is not None:
-            values["attn.pattern"] = kernel_pattern
-        if any(n not in values for n in maps):
-            sq, sk = side()
-            values.update((n, rearrange(a, "b kv g t s -> b (kv g) t s")) for n, a in
-                          zip(MAPS, _probs(sq, sk, *mask, cfg, sinks)) if n in maps and n not in values)
-        for name in maps:
-            point(name, values[name])
-        if "attn.pattern" in maps and want:
-            _reductions(values["attn.pattern"], point, spec)
-    elif "attn.pattern_at" in want:
+    values = {} if kernel_pattern is None else {"attn.pattern": kernel_pattern}
+    if any(n not in values for n in maps):
+        sq, sk = side()
+        values.update((n, rearrange(a, "b kv g t s -> b (kv g) t s")) for n, a in
+                      zip(MAPS, _probs(sq, sk, *mask, cfg, sinks)) if n in maps and n not in values)
+    for name in maps:
+        point(name, values[name])
+    full = values.get("attn.pattern")
+    if full is not None and want:  # the reductions (pattern_at included) from the full pattern
+        _reductions(full, point, spec)
+    elif "attn.pattern_at" in want:  # only the chosen query rows, over all keys
         sq, sk = side()
         allowed, fill = mask
         rows = jnp.asarray(spec.queries)
