@@ -174,6 +174,10 @@ def expert_order(co, how: str = "id", top: int | None = None) -> np.ndarray:
     if how not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {how!r}")
     co = np.asarray(co, np.float64)
+    if co.ndim != 2 or co.shape[0] != co.shape[1]:
+        raise ValueError(f"co-activation counts must be a square [expert, expert] array, got shape {co.shape}")
+    if not np.all(np.isfinite(co)):
+        raise ValueError("co-activation counts contain NaN or infinite values")
     load = np.diag(co)
     keep = top_experts(load, top)
     if how == "load":
