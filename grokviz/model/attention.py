@@ -325,7 +325,8 @@ def _attend_tiled(qg, k, v, mask, cfg, point, spec, dt, sinks, side, fused=False
     want = {n for n in REDUCED if point.wants(n)}
     maps = [n for n in MAPS if point.wants(n)]
     online = frozenset() if "attn.pattern" in maps else frozenset(want)  # else from the captured pattern
-    side = functools.cache(side)  # one copy of the queries and keys for everything computed beside
+    if side is not None:  # one copy of the queries and keys for everything computed beside (None: nothing is)
+        side = functools.cache(side)
     kernel_pattern = None
     if fused:
         target = point.target("attn.pattern") if "attn.pattern" in maps else None
